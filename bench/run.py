@@ -1,0 +1,49 @@
+"""Run every benchmark and write bench/results/*.json plus bench/results/summary.md.
+
+    python -m bench.run [--checkpoint DIR] [--quick]
+
+Each figure is a ratio against a baseline measured in the same run on the same machine; nothing
+here is asserted by the tests (speed lives in benchmarks, not in tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import decode, prefill, service
+from .common import DEFAULT_CHECKPOINT, RESULTS, environment, save
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint directory")
+    p.add_argument("--threads", type=int, default=2, help="threads for the in-process benchmarks")
+    p.add_argument("--workers", type=int, default=2, help="gunicorn workers for the service benchmark (one per core)")
+    p.add_argument("--seconds", type=float, default=20, help="measurement window per client count")
+    p.add_argument("--quick", action="store_true", help="short windows and fewer tokens (a smoke run)")
+    args = p.parse_args()
+    seconds = 4 if args.quick else args.seconds
+    d = decode.run(args.checkpoint, 300 if args.quick else 2000, args.threads)
+    save("decode", d)
+    pf = prefill.run(args.checkpoint, args.threads, (100, 1000) if args.quick else (100, 1000, 10000))
+    save("prefill", pf)
+    s = service.run(args.checkpoint, args.workers, [1, 8] if args.quick else [1, 8, 32, 64], seconds, 100)
+    save("service", s)
+    naive = d["tokens_per_second"]["naive nn.LSTM per token"]
+    env = environment()
+    summary = "\n\n".join(
+        [
+            f"# Benchmarks: {Path(args.checkpoint).name}\n\n{env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
+            f"{env['date']}. Command: `python -m bench.run{' --quick' if args.quick else ''}`",
+            "## Decode\n\n" + decode.report(d),
+            "## Prefill\n\n" + prefill.report(pf),
+            "## Service (gunicorn + Redis, loopback)\n\n" + service.report(s, naive),
+        ]
+    )
+    (RESULTS / "summary.md").write_text(summary + "\n")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""`lstm-lm`: train, evaluate and sample from LSTM language models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, LanguageModel, load
+from .data import CorpusError, read_texts, split_documents
+from .engine import Engine
+from .generation import Finished, GenerationParams, generate
+from .lstm import State
+from .sampling import SamplingParams, new_seed
+from .tokenizer import TokenizerError
+from .train import RESUME_DIR, TrainConfig, evaluate_documents, train
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on UTF-8 text files",
+        description="Train a character or SentencePiece LSTM language model. The checkpoint with the "
+        "best validation loss is written to --out, with training_curve.png and history.json; "
+        "resumable state goes to --out/resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = TrainConfig(data=[], out_dir="")
+    p.add_argument("data", nargs="*", help="UTF-8 training files (each one a document); not needed with --resume")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (or resume from)")
+    p.add_argument("--resume", action="store_true", help="continue exactly where the run in --out stopped")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this much wall time")
+    p.add_argument("--name", default=None, help="model name recorded in config.json (default: --out's folder name)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer", choices=["char", "sentencepiece"], default=d.tokenizer, help="token unit")
+    g.add_argument("--sp-vocab-size", type=int, default=d.sp_vocab_size, help="SentencePiece vocabulary size")
+    g.add_argument(
+        "--sp-model-type", choices=["unigram", "bpe"], default=d.sp_model_type, help="SentencePiece algorithm"
+    )
+    g.add_argument(
+        "--val-fraction", type=float, default=d.val_fraction, help="last fraction of characters held out for validation"
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--embed-dim", type=int, default=d.embed_dim, help="embedding width")
+    g.add_argument("--hidden-size", type=int, default=d.hidden_size, help="LSTM width")
+    g.add_argument("--num-layers", type=int, default=d.num_layers, help="stacked LSTM layers")
+    g.add_argument(
+        "--tie-weights",
+        action="store_true",
+        help="share embedding and output matrices (last layer becomes --embed-dim wide)",
+    )
+    g.add_argument(
+        "--dropout-embed", type=float, default=d.dropout_embed, help="drop whole embedding rows (AWD dropoute)"
+    )
+    g.add_argument("--dropout-input", type=float, default=d.dropout_input, help="locked dropout on embeddings")
+    g.add_argument("--dropout-hidden", type=float, default=d.dropout_hidden, help="locked dropout between layers")
+    g.add_argument(
+        "--dropout-output", type=float, default=d.dropout_output, help="locked dropout before the output layer"
+    )
+    g.add_argument("--weight-drop", type=float, default=d.weight_drop, help="DropConnect on hidden-to-hidden weights")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="parallel rows of the corpus")
+    g.add_argument("--bptt", type=int, default=d.bptt, help="truncated-BPTT window in tokens")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    g.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=d.min_lr_ratio,
+        help="final (cosine) or lowest (plateau) LR as a fraction of --lr",
+    )
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps")
+    g.add_argument("--schedule", choices=["cosine", "plateau"], default=d.schedule, help="LR decay after warm-up")
+    g.add_argument("--plateau-factor", type=float, default=d.plateau_factor, help="plateau: LR multiplier on a stall")
+    g.add_argument(
+        "--plateau-patience",
+        type=int,
+        default=d.plateau_patience,
+        help="plateau: evaluations without improvement before decaying",
+    )
+    g.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay (matrices only)"
+    )
+    g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping threshold")
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps in total, which sets the cosine schedule's length (default {d.max_steps}; "
+        "with --resume, a new total that extends the run)",
+    )
+    g.add_argument(
+        "--reset-prob",
+        type=float,
+        default=d.reset_prob,
+        help="chance per row and window of restarting from <s> (trains fresh states)",
+    )
+    g = p.add_argument_group("bookkeeping")
+    g.add_argument(
+        "--eval-interval",
+        type=int,
+        default=d.eval_interval,
+        help="steps between validation runs (and best-checkpoint saves)",
+    )
+    g.add_argument(
+        "--checkpoint-interval", type=int, default=d.checkpoint_interval, help="steps between resumable-state saves"
+    )
+    g.add_argument(
+        "--early-stop-patience",
+        type=int,
+        default=d.early_stop_patience,
+        help="stop after this many evaluations without improvement (0: never)",
+    )
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, dropout and data")
+    g.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all cores)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.resume:
+        saved = json.loads((out / RESUME_DIR / "train_config.json").read_text(encoding="utf-8"))
+        cfg = TrainConfig(**saved)
+        if args.max_steps is not None:
+            cfg.max_steps = args.max_steps  # extending a run stretches the cosine schedule
+            (out / RESUME_DIR / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    else:
+        if not args.data:
+            print("error: give at least one training file (or --resume)", file=sys.stderr)
+            return 2
+        if args.max_steps is None:
+            args.max_steps = TrainConfig.max_steps
+        names = {f.name for f in fields(TrainConfig)} - {"data", "out_dir"}
+        cfg = TrainConfig(data=[str(p) for p in args.data], out_dir=str(out), **{n: getattr(args, n) for n in names})
+    result = train(cfg, resume=args.resume, max_minutes=args.max_minutes, progress=not args.no_progress)
+    best = result.best_val
+    summary = {"steps": result.steps, "stopped": result.stopped}
+    if best is not None:
+        summary.update(val_nats_per_char=round(best.nats_per_char, 4), val_bits_per_char=round(best.bits_per_char, 4))
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="bits/nats per character and token perplexity of a text",
+        description="Score text with a checkpoint, carrying the state across the whole text from <s>. "
+        "By default scores the checkpoint's own validation split (the last --val-fraction of its training files).",
+    )
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument(
+        "files", nargs="*", help="UTF-8 files to score (default: the validation split recorded in the checkpoint)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=None, help="score only the last fraction of the files' characters"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    lm = _load(args.checkpoint, args.threads)
+    training = lm.meta.get("training", {})
+    files = args.files or training.get("data", [])
+    fraction = (
+        args.val_fraction if args.val_fraction is not None else (None if args.files else training.get("val_fraction"))
+    )
+    if not files:
+        print("error: no files given and the checkpoint records no training data", file=sys.stderr)
+        return 2
+    texts = read_texts([Path(f) for f in files])
+    docs = split_documents(texts, fraction)[1] if fraction else texts
+    result = evaluate_documents(lm.model, lm.tokenizer, docs)
+    print(
+        json.dumps(
+            {"checkpoint": str(args.checkpoint), "files": files, "val_fraction": fraction, **result.to_dict()}, indent=2
+        )
+    )
+    return 0
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="generate text, once or interactively",
+        description="Continue a prompt. With --interactive, every line you type is appended to the same "
+        "hidden state and continued, so the model sees the whole conversation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--prompt", default="", help="text to continue (escape sequences like \\n are understood)")
+    p.add_argument("--length", type=int, default=300, help="tokens to generate per turn")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages tokens already in the context")
+    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random, printed)")
+    p.add_argument("--interactive", action="store_true", help="read lines from stdin, continuing one state")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    lm = _load(args.checkpoint, args.threads)
+    engine = Engine(lm.model)
+    params = GenerationParams(
+        max_tokens=args.length,
+        sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty),
+        stop=tuple(_unescape(s) for s in args.stop),
+        seed=args.seed,
+    )
+    state = engine.start_state()
+
+    def turn(prompt: str, seed: int | None) -> State:
+        ids = lm.tokenizer.encode(prompt)
+        st = engine.prefill(ids, state)
+        for item in generate(engine, lm.tokenizer, st, replace(params, seed=seed), ids):
+            if isinstance(item, Finished):
+                print(file=sys.stderr)
+                return item.state
+            print(item.text, end="", flush=True)
+        raise AssertionError("generation ended without finishing")
+
+    if not args.interactive:
+        seed = args.seed if args.seed is not None else new_seed()
+        print(_unescape(args.prompt), end="")
+        turn(_unescape(args.prompt), seed)
+        print(f"[seed {seed}]", file=sys.stderr)
+        return 0
+    print("Type a line to continue the text (Ctrl-D to quit).", file=sys.stderr)
+    for turns, line in enumerate(sys.stdin):
+        state = turn(line, None if args.seed is None else args.seed + turns)
+    return 0
+
+
+def _unescape(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("unicode_escape") if "\\" in text else text
+
+
+def _load(path: str, threads: int) -> LanguageModel:
+    if threads:
+        torch.set_num_threads(threads)
+    return load(path)
+
+
+def _add_card(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "card",
+        help="write a checkpoint's model card (README.md)",
+        description="Evaluate the checkpoint (float32 and int8) on its validation split, time decoding, draw a "
+        "seeded sample, and write README.md next to the weights. Run from the directory training ran in.",
+    )
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument(
+        "--prompt", default="ROMEO:\n", help="prompt of the sample (escape sequences like \\n are understood)"
+    )
+    p.add_argument("--seed", type=int, default=1, help="seed of the sample")
+    p.set_defaults(func=cmd_card)
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from .card import write_card
+
+    print(write_card(_load(args.checkpoint, 2), prompt=_unescape(args.prompt), seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lstm-lm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_sample(sub)
+    _add_card(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CorpusError, TokenizerError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""HTTP routes: parse and validate, delegate to LMService, serialise. No model logic here."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+from flask import Response, current_app, jsonify, request, send_from_directory, stream_with_context, url_for
+from pydantic import BaseModel
+from swagger_ui_bundle import swagger_ui_path
+
+from . import metrics
+from .errors import ApiError, not_found
+from .inference import LMService
+from .openapi import DOCS_PAGE, Api, build_openapi
+from .schemas import (
+    SESSION_ID_PATTERN,
+    CreateSessionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GeneratedToken,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    InfoResponse,
+    Limits,
+    NextRequest,
+    NextResponse,
+    ReadyResponse,
+    ScoreRequest,
+    ScoreResponse,
+    SessionCreated,
+    SessionInfo,
+    StreamFinal,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from .sessions import StoreUnavailable
+
+api = Api("api")
+route = api.route
+T = TypeVar("T", bound=BaseModel)
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
+_BODY_ERRORS = (400, 413, 415, 422)
+
+
+def service() -> LMService:
+    return current_app.extensions["lm_service"]
+
+
+def limits() -> Limits:
+    return current_app.extensions["lm_limits"]
+
+
+def parse(model: type[T], *, allow_empty: bool = False) -> T:
+    """The JSON body validated against `model` (415 if not JSON, 400 if malformed, 422 if invalid)."""
+    raw = request.get_data(cache=True)
+    if not raw.strip() and allow_empty:
+        data: Any = {}
+    else:
+        if not request.is_json:
+            raise ApiError(415, "unsupported_media_type", "send a JSON body with Content-Type: application/json")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:  # includes invalid UTF-8
+            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(
+            422,
+            "invalid_request",
+            "request body must be a JSON object",
+            [{"field": "body", "message": "not an object"}],
+        )
+    return model.model_validate(data, context={"limits": limits()})
+
+
+def dump(model: BaseModel, status: int = 200) -> tuple[Response, int]:
+    return jsonify(model.model_dump(mode="json")), status
+
+
+def session_path(session_id: str) -> str:
+    if not _SESSION_ID.match(session_id):
+        raise not_found(session_id)
+    return session_id
+
+
+# ---- sessions ---------------------------------------------------------------------------
+
+
+@route(
+    "/sessions",
+    "POST",
+    summary="Create a session",
+    body=CreateSessionRequest,
+    body_optional=True,
+    responses={201: SessionCreated},
+    errors=(*_BODY_ERRORS, 503),
+    tag="sessions",
+)
+def create_session() -> tuple[Response, int]:
+    """A new session, optionally primed with `text`. An empty body is fine."""
+    req = parse(CreateSessionRequest, allow_empty=True)
+    return dump(service().create_session(req.text), 201)
+
+
+@route(
+    "/sessions/<session_id>",
+    "GET",
+    summary="Describe a session",
+    responses={200: SessionInfo},
+    errors=(404, 503),
+    tag="sessions",
+)
+def get_session(session_id: str) -> tuple[Response, int]:
+    """Token count, timestamps, seconds to expiry and the model it belongs to. Refreshes the TTL."""
+    return dump(service().session_info(session_path(session_id)))
+
+
+@route(
+    "/sessions/<session_id>",
+    "DELETE",
+    summary="Delete a session",
+    responses={204: None},
+    errors=(404, 503),
+    tag="sessions",
+)
+def delete_session(session_id: str) -> tuple[str, int]:
+    """Forget a session's state."""
+    service().delete_session(session_path(session_id))
+    return "", 204
+
+
+@route(
+    "/sessions/<session_id>/fork",
+    "POST",
+    summary="Fork a session",
+    responses={201: SessionCreated},
+    errors=(404, 503),
+    tag="sessions",
+)
+def fork_session(session_id: str) -> tuple[Response, int]:
+    """An independent copy: continuing one never changes the other. Any body is ignored."""
+    return dump(service().fork_session(session_path(session_id)), 201)
+
+
+# ---- model ------------------------------------------------------------------------------
+
+
+def _sse(items: Iterator[dict[str, Any] | StreamFinal | ApiError]) -> Iterator[str]:
+    for item in items:
+        if isinstance(item, ApiError):
+            body: dict[str, Any] = {"error": {"code": item.code, "message": item.message, "details": item.details}}
+        elif isinstance(item, StreamFinal):
+            body = item.model_dump(mode="json")
+        else:
+            body = item  # a token, already in GeneratedToken's shape
+        yield f"data: {json.dumps(body)}\n\n"
+
+
+@route(
+    "/generate",
+    "POST",
+    summary="Generate a continuation",
+    body=GenerateRequest,
+    responses={200: GenerateResponse},
+    errors=(*_BODY_ERRORS, 404, 409, 503),
+    stream=GeneratedToken,
+)
+def generate() -> Response | tuple[Response, int]:
+    """Append `prompt` to the session (or a fresh start) and sample up to `max_tokens` tokens.
+
+    With `stream: true` the answer is Server-Sent Events: one `data:` JSON line per token, then a
+    final one with `finish_reason`, `usage` and `session_id` (or `error` if the session could not
+    be saved). Stop strings are excluded from the text and from the session."""
+    req = parse(GenerateRequest)
+    lm = service()
+    gen = lm.start_generation(req)
+    if not req.stream:
+        resp = lm.generate(gen)
+        return jsonify(resp.model_dump(mode="json", exclude={"tokens"} if resp.tokens is None else set())), 200
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(stream_with_context(_sse(lm.generate_stream(gen))), mimetype="text/event-stream", headers=headers)
+
+
+@route(
+    "/next",
+    "POST",
+    summary="Next-token distribution",
+    body=NextRequest,
+    responses={200: NextResponse},
+    errors=(*_BODY_ERRORS, 404, 409, 503),
+)
+def next_token() -> tuple[Response, int]:
+    """The distribution of the token after the session's text plus `text`, likeliest first.
+    With `commit` (default) the session advances by `text`; otherwise it is a peek."""
+    return dump(service().next(parse(NextRequest)))
+
+
+@route(
+    "/score",
+    "POST",
+    summary="Score a text",
+    body=ScoreRequest,
+    responses={200: ScoreResponse},
+    errors=(*_BODY_ERRORS, 404, 409, 503),
+)
+def score() -> tuple[Response, int]:
+    """Log-probability of every token of `text` given the session (or a fresh start), bits per
+    character and perplexity. Score a long text in chunks through a session with `commit`."""
+    return dump(service().score(parse(ScoreRequest)))
+
+
+@route(
+    "/tokenize",
+    "POST",
+    summary="Text to token ids",
+    body=TokenizeRequest,
+    responses={200: TokenizeResponse},
+    errors=_BODY_ERRORS,
+    tag="tokenizer",
+)
+def tokenize() -> tuple[Response, int]:
+    """Token ids and texts of `text`; unknown characters become <unk> and are counted."""
+    return dump(service().tokenize(parse(TokenizeRequest).text))
+
+
+@route(
+    "/detokenize",
+    "POST",
+    summary="Token ids to text",
+    body=DetokenizeRequest,
+    responses={200: DetokenizeResponse},
+    errors=_BODY_ERRORS,
+    tag="tokenizer",
+)
+def detokenize() -> tuple[Response, int]:
+    """The text of a list of token ids (<s> decodes to nothing, <unk> to U+FFFD)."""
+    return dump(service().detokenize(parse(DetokenizeRequest).ids))
+
+
+# ---- operations -------------------------------------------------------------------------
+
+
+@route("/health", "GET", summary="Liveness", responses={200: HealthResponse}, tag="operations")
+def health() -> tuple[Response, int]:
+    """The process answers. Checks nothing else."""
+    return dump(HealthResponse(status="ok"))
+
+
+@route("/ready", "GET", summary="Readiness", responses={200: ReadyResponse}, errors=(503,), tag="operations")
+def ready() -> tuple[Response, int]:
+    """Model loaded and session store reachable; 503 naming the failing check otherwise."""
+    lm = service()
+    checks = {"model": f"ok ({lm.lm.fingerprint})"}
+    try:
+        lm.store.ping()
+        checks["store"] = f"ok ({lm.store.kind})"
+    except StoreUnavailable as exc:
+        metrics.STORE_ERRORS.labels("unavailable").inc()
+        raise ApiError(503, "not_ready", f"store check failed: {exc}", {**checks, "store": f"failed: {exc}"}) from exc
+    return dump(ReadyResponse(status="ready", checks=checks))
+
+
+@route("/info", "GET", summary="Model card and limits", responses={200: InfoResponse}, tag="operations")
+def info() -> tuple[Response, int]:
+    """Name, fingerprint, tokenizer, sizes, validation bits/char, and this server's limits."""
+    return dump(current_app.extensions["lm_info"])
+
+
+@route("/metrics", "GET", summary="Prometheus metrics", responses={200: None}, tag="operations")
+def prometheus_metrics() -> Response:
+    """Requests, latencies, tokens generated, decode speed, batch sizes, sessions, store errors."""
+    body = metrics.render(service().store.count, current_app.extensions["lm_metrics_multiprocess"])
+    return Response(body, mimetype="text/plain; version=0.0.4")
+
+
+@route("/openapi.json", "GET", summary="This document", responses={200: None}, tag="operations")
+def openapi_document() -> tuple[Response, int]:
+    """The OpenAPI 3.1 description of this API, generated from the validating schemas."""
+    return jsonify(current_app.extensions["lm_openapi"]), 200
+
+
+@route(
+    "/docs",
+    "GET",
+    summary="Interactive API documentation",
+    responses={200: None},
+    tag="operations",
+    content_type="text/html",
+)
+def docs() -> Response:
+    """Swagger UI rendering /openapi.json (assets served locally: no CDN)."""
+    page = DOCS_PAGE.format(
+        title=current_app.extensions["lm_info"].model["name"],
+        assets=url_for("api.docs_asset_GET", filename="").rstrip("/"),
+        spec=url_for("api.openapi_document_GET"),
+    )
+    return Response(page, mimetype="text/html")
+
+
+@api.blueprint.route("/docs/assets/<path:filename>", methods=["GET"], endpoint="docs_asset_GET")
+def docs_asset(filename: str) -> Response:
+    return send_from_directory(swagger_ui_path, filename)
+
+
+def openapi_for(app_limits: Limits, title: str) -> dict[str, Any]:
+    return build_openapi(
+        api,
+        title=title,
+        version="1",
+        description="An LSTM language model over HTTP, with sessions whose hidden state lives in Redis.",
+        limits=app_limits,
+    )

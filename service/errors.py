@@ -1,0 +1,83 @@
+"""One JSON error shape for every failure: {"error": {"code", "message", "details"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error a client should see, with its HTTP status and a stable machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def not_found(session_id: str) -> ApiError:
+    return ApiError(404, "session_not_found", f"no session {session_id!r} for this model (unknown, expired or deleted)")
+
+
+def conflict(session_id: str) -> ApiError:
+    return ApiError(
+        409,
+        "session_conflict",
+        f"session {session_id!r} was changed by another request while this one ran; nothing was saved, retry",
+    )
+
+
+def error_body(status: int, code: str, message: str, details: Any = None) -> tuple[Response, int]:
+    return jsonify({"error": {"code": code, "message": message, "details": details}}), status
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic errors as [{"field": "max_tokens", "message": ...}], naming the field."""
+    out = []
+    for e in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(p) for p in e["loc"]) or "body"
+        out.append({"field": field, "message": e["msg"], "type": e["type"]})
+    return out
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> tuple[Response, int]:
+        return error_body(exc.status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(ValidationError)
+    def _validation(exc: ValidationError) -> tuple[Response, int]:
+        details = validation_details(exc)
+        fields = ", ".join(d["field"] for d in details)
+        return error_body(422, "invalid_request", f"invalid value for {fields}", details)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        message = exc.description or exc.name
+        if status == 413:
+            message = f"request body is larger than the {app.config.get('MAX_CONTENT_LENGTH')} bytes allowed"
+        response, status = error_body(status, _HTTP_CODES.get(status, "http_error"), message)
+        valid_methods = getattr(exc, "valid_methods", None)  # set on 405s
+        if valid_methods:
+            response.headers["Allow"] = ", ".join(valid_methods)
+        return response, status
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error")
+        return error_body(500, "internal_error", "the server failed to handle this request; it has been logged")

@@ -1,0 +1,69 @@
+"""Prometheus metrics, correct under several gunicorn workers.
+
+gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a fresh directory before workers start; each
+worker then writes its samples there and /metrics aggregates all of them (prometheus_client's
+multiprocess mode). Without that variable (tests, `flask run`) the process registry is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import REGISTRY, Collector
+
+disable_created_metrics()  # *_created series double the output and nobody graphs them
+
+REQUESTS = Counter("lstm_requests_total", "HTTP requests answered", ["endpoint", "method", "status"])
+LATENCY = Histogram(
+    "lstm_request_duration_seconds",
+    "Time to answer a request (for streams: to the first byte)",
+    ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+GENERATED_TOKENS = Counter("lstm_generated_tokens_total", "Tokens generated (rate() gives tokens/s)")
+PROMPT_TOKENS = Counter("lstm_prompt_tokens_total", "Prompt and scored tokens consumed by prefill")
+GENERATION_SPEED = Histogram(
+    "lstm_generation_tokens_per_second",
+    "Decode speed of each finished generation request",
+    buckets=(10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+)
+BATCH_SIZE = Histogram(
+    "lstm_batch_size", "Sequences stepped together per scheduler tick", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+STORE_ERRORS = Counter("lstm_store_errors_total", "Session store failures (unreachable, corrupt state)", ["kind"])
+
+
+class _SessionsCollector(Collector):
+    """Live sessions, asked of the store at scrape time (a cheap ZCARD, never a key scan)."""
+
+    def __init__(self, count: Callable[[], int]):
+        self._count = count
+
+    def collect(self) -> Iterable[Metric]:
+        gauge = GaugeMetricFamily("lstm_active_sessions", "Sessions alive in the store for this model")
+        try:
+            gauge.add_metric([], float(self._count()))
+        except Exception:  # store down: report nothing rather than fail the scrape
+            STORE_ERRORS.labels("metrics").inc()
+            return []
+        return [gauge]
+
+
+def render(count_sessions: Callable[[], int], multiprocess: bool) -> bytes:
+    """The exposition text for /metrics; `multiprocess` when PROMETHEUS_MULTIPROC_DIR is set."""
+    if multiprocess:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        base = generate_latest(registry)
+    else:
+        base = generate_latest(REGISTRY)
+    extra = CollectorRegistry()
+    extra.register(_SessionsCollector(count_sessions))
+    return base + generate_latest(extra)
+
+
+for _kind in ("unavailable", "corrupt_state", "metrics"):
+    STORE_ERRORS.labels(_kind)  # export zeros, so alerts on increase() work from the start

@@ -1,0 +1,112 @@
+"""Typed settings, read from the environment in exactly one place (Settings.from_env).
+
+Everything else receives a Settings object (or values from it) as constructor arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare-char"
+
+# environment variable -> field; the README's settings table is this list
+ENV_VARS = {
+    "MODEL_DIR": "model_dir",
+    "REDIS_URL": "redis_url",
+    "SESSION_TTL_SECONDS": "session_ttl_seconds",
+    "MEMORY_STORE_MAX_BYTES": "memory_store_max_bytes",
+    "MAX_BODY_BYTES": "max_body_bytes",
+    "MAX_PROMPT_CHARS": "max_prompt_chars",
+    "MAX_TOKENS_LIMIT": "max_tokens_limit",
+    "MAX_TOP_N": "max_top_n",
+    "MAX_STOP_SEQUENCES": "max_stop_sequences",
+    "MAX_STOP_CHARS": "max_stop_chars",
+    "MAX_LOGPROBS": "max_logprobs",
+    "MAX_DETOKENIZE_IDS": "max_detokenize_ids",
+    "TORCH_THREADS": "torch_threads",
+    "BLAS_THREADS": "blas_threads",
+    "QUANTIZE": "quantize",
+    "BATCHING": "batching",
+    "MAX_BATCH": "max_batch",
+    "LOG_LEVEL": "log_level",
+    "PORT": "port",
+    "WEB_CONCURRENCY": "workers",
+    "GUNICORN_THREADS": "threads",
+    "PROMETHEUS_MULTIPROC_DIR": "metrics_dir",
+}
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the service cannot use."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_dir: Path = DEFAULT_MODEL_DIR
+    redis_url: str | None = None  # None: the embedded in-process store (one worker only)
+    session_ttl_seconds: int = Field(86_400, ge=1)
+    memory_store_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_prompt_chars: int = Field(100_000, ge=1)
+    max_tokens_limit: int = Field(2_048, ge=1)
+    max_top_n: int = Field(1_000, ge=1)
+    max_stop_sequences: int = Field(8, ge=0)
+    max_stop_chars: int = Field(64, ge=1)
+    max_logprobs: int = Field(20, ge=0)
+    max_detokenize_ids: int = Field(100_000, ge=1)
+    torch_threads: int = Field(0, ge=0)  # 0: cores / workers
+    # numpy's OpenBLAS (the decode step): its threads busy-wait, and a 2-thread GEMV measured 10x+
+    # slower whenever anything else wanted the cores (other workers, request threads, prefill).
+    # One thread per worker, and as many workers as cores, is the layout that stays fast.
+    blas_threads: int = Field(1, ge=1)
+    quantize: Literal["none", "int8"] = "none"
+    batching: bool = True  # continuous batching of concurrent generations in a worker
+    max_batch: int = Field(64, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1)
+    threads: int = Field(32, ge=1)
+    metrics_dir: str | None = None  # prometheus_client's multiprocess directory (gunicorn.conf.py sets it)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)")
+        return v
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        for var, name in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is not None and raw.strip() != "":
+                values[name] = raw.strip().upper() if name == "log_level" else raw.strip()
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            field_to_var = {v: k for k, v in ENV_VARS.items()}
+            problems = "; ".join(f"{field_to_var.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
+            raise SettingsError(f"invalid settings: {problems}") from exc
+
+    def check_store(self) -> None:
+        """Several workers need a shared store: refuse what would silently split sessions."""
+        if self.workers > 1 and not self.redis_url:
+            raise SettingsError(
+                f"WEB_CONCURRENCY={self.workers} workers but no REDIS_URL: each worker would keep its own "
+                "sessions and a client's next request could land on a worker that has never seen its session. "
+                "Set REDIS_URL (e.g. redis://localhost:6379/0), or run one worker."
+            )
+
+    def effective_torch_threads(self, cpu_count: int | None = None) -> int:
+        """Threads per worker so that all workers together use the machine's cores once."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, (cpu_count or os.cpu_count() or 1) // self.workers)

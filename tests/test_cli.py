@@ -1,0 +1,91 @@
+"""The console script, run as a user would (a real subprocess) on a tiny corpus."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.cli import build_parser
+
+CLI = [sys.executable, "-m", "model.cli"]
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "card"])
+def test_help_explains_every_flag(command: str) -> None:
+    out = cli(command, "--help")
+    assert out.returncode == 0 and "usage: lstm-lm " + command in out.stdout
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help text"
+        for flag in action.option_strings:
+            assert flag in out.stdout
+
+
+def test_train_eval_sample_round_trip(tiny_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    args = [
+        "--embed-dim",
+        "8",
+        "--hidden-size",
+        "16",
+        "--num-layers",
+        "1",
+        "--batch-size",
+        "4",
+        "--bptt",
+        "16",
+        "--max-steps",
+        "12",
+        "--eval-interval",
+        "6",
+        "--warmup-steps",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
+    r = cli("train", str(tiny_corpus), "--out", str(out), *args)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 12 and summary["val_bits_per_char"] > 0
+
+    r = cli("eval", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert abs(result["bits_per_char"] - summary["val_bits_per_char"]) < 1e-3  # the same validation text
+    assert result["num_chars"] == 4000
+
+    r = cli("sample", str(out), "--prompt", "ROMEO:", "--length", "20", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ROMEO:") and len(r.stdout) == len("ROMEO:") + 20
+    assert r.stdout == cli("sample", str(out), "--prompt", "ROMEO:", "--length", "20", "--seed", "3").stdout
+
+    r = cli("sample", str(out), "--interactive", "--length", "5", "--seed", "1", stdin="hello\nworld\n")
+    assert r.returncode == 0 and len(r.stdout) == 10
+
+    r = cli("card", str(out))
+    assert r.returncode == 0, r.stderr
+    card = (out / "README.md").read_text()
+    assert "bits/char" in card and "training_curve.png" in card and "lstm-lm train" in card and "int8" in card
+
+    r = cli("train", "--out", str(out), "--resume", "--max-steps", "14", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 14
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
+    r = cli("eval", str(tmp_path / "missing"))
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1") * 100)
+    r = cli("train", str(bad), "--out", str(tmp_path / "o"), "--no-progress")
+    assert r.returncode != 0 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr

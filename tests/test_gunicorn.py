@@ -1,0 +1,170 @@
+"""The Procfile command for real: gunicorn, two gthread workers, a private Redis, HTTP over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from servers import ROOT, Gunicorn, RedisServer, wait_until
+
+
+@pytest.fixture(scope="module")
+def server(
+    char_lm_dir: Path, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gunicorn]:
+    redis_server.client().flushall()
+    env = {
+        "MODEL_DIR": str(char_lm_dir),
+        "REDIS_URL": redis_server.url,
+        "WEB_CONCURRENCY": "2",
+        "GUNICORN_THREADS": "16",
+        "TORCH_THREADS": "1",
+        "MAX_TOKENS_LIMIT": "200000",
+        "LOG_LEVEL": "WARNING",
+    }
+    g = Gunicorn(env, tmp_path_factory.mktemp("gunicorn") / "gunicorn.log")
+    yield g
+    g.stop()
+
+
+def post(server: Gunicorn, path: str, body: dict, **kw) -> requests.Response:  # type: ignore[type-arg, no-untyped-def]
+    # a new connection per request (no requests.Session), so the two workers share the load
+    return requests.post(f"{server.base}{path}", json=body, timeout=30, headers={"Connection": "close"}, **kw)
+
+
+def tokens(server: Gunicorn, sid: str) -> int:
+    return int(requests.get(f"{server.base}/sessions/{sid}", timeout=10).json()["tokens"])
+
+
+def metric(server: Gunicorn, name: str) -> float:
+    text = requests.get(f"{server.base}/metrics", timeout=10).text
+    return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_session_continues_across_workers(server: Gunicorn) -> None:
+    # Requests on several sessions go out in parallel bursts, so both workers are kept busy and
+    # each session is continued by whichever worker accepts its next connection.
+    sessions = [post(server, "/sessions", {"text": "ROMEO:\n"}).json()["session_id"] for _ in range(8)]
+    served: dict[str, set[str]] = {sid: set() for sid in sessions}
+
+    def step(sid: str) -> None:
+        r = post(server, "/next", {"session_id": sid, "text": "ab"})
+        assert r.status_code == 200
+        served[sid].add(r.headers["X-Worker-Pid"])
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(6):
+            list(pool.map(step, sessions))
+    assert len(set().union(*served.values())) == 2, "both workers should have served requests"
+    assert any(len(pids) == 2 for pids in served.values()), "some session should have moved between workers"
+    for sid in sessions:
+        assert tokens(server, sid) == 7 + 6 * 2
+
+
+def test_session_survives_worker_restart(server: Gunicorn) -> None:
+    sid = post(server, "/sessions", {"text": "JULIET:\nO Romeo, Romeo"}).json()["session_id"]
+    before = post(server, "/next", {"session_id": sid, "commit": False, "top_n": 5}).json()["next"]
+    old = server.worker_pids()
+    os.kill(server.proc.pid, signal.SIGHUP)  # gunicorn replaces every worker
+    wait_until(
+        lambda: server.worker_pids() and not (server.worker_pids() & old) and len(server.worker_pids()) == 2,
+        60,
+        "new workers",
+    )
+    wait_until(lambda: requests.get(f"{server.base}/ready", timeout=2).status_code == 200, 60, "ready")
+    after = post(server, "/next", {"session_id": sid, "commit": False, "top_n": 5}).json()["next"]
+    assert [t["id"] for t in after] == [t["id"] for t in before]
+    assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(after, before)) < 1e-5
+    assert tokens(server, sid) == len("JULIET:\nO Romeo, Romeo")
+
+
+def test_concurrent_writers_lose_nothing(server: Gunicorn) -> None:
+    sid = post(server, "/sessions", {}).json()["session_id"]
+    texts = ["a", "bb", "ccc", "dddd"] * 12
+
+    def send(text: str) -> tuple[int, int]:
+        r = post(server, "/next", {"session_id": sid, "text": text})
+        if r.status_code == 409:
+            assert r.json()["error"]["code"] == "session_conflict"
+        return r.status_code, r.json().get("tokens_processed", 0)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, texts))
+    statuses = {s for s, _ in results}
+    assert statuses <= {200, 409}
+    added = sum(n for s, n in results if s == 200)
+    assert tokens(server, sid) == added
+    assert added > 0  # some won; conflicts, if any, were reported, not lost
+
+
+def test_stream_over_http(server: Gunicorn) -> None:
+    r = post(server, "/generate", {"prompt": "KING:", "max_tokens": 30, "seed": 3, "stream": True}, stream=True)
+    assert r.headers["Content-Type"].startswith("text/event-stream")
+    events = [json.loads(line[len("data: ") :]) for line in r.iter_lines(decode_unicode=True) if line]
+    assert len(events) == 31 and events[-1]["finish_reason"] == "length"
+    text = "".join(e["token"] for e in events[:-1])
+    assert events[-1]["text"] == text and events[-1]["usage"]["completion_tokens"] == 30
+    plain = post(server, "/generate", {"prompt": "KING:", "max_tokens": 30, "seed": 3}).json()
+    assert plain["text"] == text
+
+
+def test_abandoned_stream_stops_and_leaves_session_unchanged(server: Gunicorn) -> None:
+    sid = post(server, "/sessions", {"text": "HAMLET:\n"}).json()["session_id"]
+    r = post(server, "/generate", {"session_id": sid, "max_tokens": 200000, "stream": True}, stream=True)
+    lines = r.iter_lines()
+    got = [next(lines) for _ in range(6)]
+    assert any(line.startswith(b"data: ") for line in got)
+    r.close()  # the client goes away mid-stream
+
+    def ticks_settled() -> bool:
+        first = metric(server, "lstm_batch_size_count")
+        time.sleep(0.5)
+        return metric(server, "lstm_batch_size_count") == first
+
+    wait_until(ticks_settled, 20, "the scheduler to stop stepping the abandoned stream")
+    assert tokens(server, sid) == len("HAMLET:\n")  # nothing of the abandoned request was saved
+    assert metric(server, "lstm_batch_size_count") < 200000
+
+
+def test_metrics_aggregate_workers(server: Gunicorn) -> None:
+    before = metric(server, "lstm_requests_total")
+    with ThreadPoolExecutor(4) as pool:
+        pids = set(pool.map(lambda _: post(server, "/tokenize", {"text": "abc"}).headers["X-Worker-Pid"], range(20)))
+    after = metric(server, "lstm_requests_total")
+    assert len(pids) == 2 and after - before >= 20
+    text = requests.get(f"{server.base}/metrics", timeout=10).text
+    for name in (
+        "lstm_request_duration_seconds_bucket",
+        "lstm_generated_tokens_total",
+        "lstm_active_sessions",
+        "lstm_store_errors_total",
+        "lstm_generation_tokens_per_second_bucket",
+    ):
+        assert name in text
+
+
+def test_multiple_workers_without_redis_refuse_to_start(char_lm_dir: Path) -> None:
+    env = {**os.environ, "MODEL_DIR": str(char_lm_dir), "WEB_CONCURRENCY": "2", "PORT": "8999"}
+    env.pop("REDIS_URL", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    out = subprocess.run(
+        ["gunicorn", "-c", "service/gunicorn.conf.py", "service:create_app()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "REDIS_URL" in out.stderr and "WEB_CONCURRENCY=2" in out.stderr

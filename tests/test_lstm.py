@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.engine import SHORT_PREFILL, Engine, split_state, stack_states
+from model.lstm import LSTMLanguageModel, ModelConfig, flatten_state, state_size, unflatten_state
+
+
+def make_model(**kw: object) -> LSTMLanguageModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{"vocab_size": 50, "embed_dim": 12, "hidden_size": 20, "num_layers": 3, **kw})  # type: ignore[arg-type]
+    return LSTMLanguageModel(cfg).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_shapes(tie: bool) -> None:
+    model = make_model(tie_weights=tie)
+    logits, state = model(torch.randint(0, 50, (4, 7)))
+    assert logits.shape == (4, 7, 50)
+    assert len(state) == 3
+    assert [h.shape for h, _ in state] == [(4, 20), (4, 20), (4, 12 if tie else 20)]
+    if tie:
+        assert model.decoder.weight is model.embedding.weight
+
+
+def test_step_by_step_equals_whole_sequence() -> None:
+    model = make_model()
+    ids = torch.randint(0, 50, (2, 25))
+    with torch.no_grad():
+        whole, whole_state = model(ids)
+        state = None
+        steps = []
+        for t in range(ids.size(1)):
+            out, state = model(ids[:, t : t + 1], state)
+            steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=0, atol=1e-5)
+    for (h1, c1), (h2, c2) in zip(state, whole_state):  # type: ignore[arg-type]
+        torch.testing.assert_close(h1, h2, rtol=0, atol=1e-5)
+        torch.testing.assert_close(c1, c2, rtol=0, atol=1e-5)
+
+
+def test_chunks_with_carried_state_equal_one_call() -> None:
+    model = make_model()
+    ids = torch.randint(0, 50, (1, 40))
+    with torch.no_grad():
+        whole, _ = model(ids)
+        a, st = model(ids[:, :13])
+        b, st = model(ids[:, 13:31], st)
+        c, _ = model(ids[:, 31:], st)
+    torch.testing.assert_close(torch.cat([a, b, c], dim=1), whole, rtol=0, atol=1e-5)
+
+
+def test_regularisers_only_act_in_training() -> None:
+    model = make_model(dropout_embed=0.3, dropout_input=0.3, dropout_hidden=0.3, dropout_output=0.3, weight_drop=0.5)
+    ids = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        e1, _ = model(ids)
+        e2, _ = model(ids)
+        model.train()
+        t1, _ = model(ids)
+        t2, _ = model(ids)
+    assert torch.equal(e1, e2)
+    assert not torch.allclose(t1, t2)
+
+
+def test_weight_drop_keeps_parameters_and_gradients() -> None:
+    model = make_model(weight_drop=0.5).train()
+    before = model.layers[0].weight_hh_l0.detach().clone()
+    logits, _ = model(torch.randint(0, 50, (2, 6)))
+    logits.sum().backward()
+    assert torch.equal(model.layers[0].weight_hh_l0.detach(), before)  # the mask is not written back
+    assert model.layers[0].weight_hh_l0.grad is not None
+    assert model.layers[0].weight_hh_l0.grad.abs().sum() > 0
+
+
+def test_state_flatten_round_trip() -> None:
+    model = make_model(tie_weights=True)
+    _, state = model(torch.randint(0, 50, (3, 4)))
+    flat = flatten_state(state)
+    assert flat.shape == (3, state_size(model.config))
+    for (h1, c1), (h2, c2) in zip(unflatten_state(flat, model.config), state):
+        assert torch.equal(h1, h2) and torch.equal(c1, c2)
+    with pytest.raises(ValueError, match="does not fit"):
+        unflatten_state(flat[:, :-1], model.config)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_engine_step_matches_nn_lstm(tie: bool) -> None:
+    """The fused numpy step must give nn.LSTM's log-probabilities (max |Δ| <= 1e-4, fp32)."""
+    model = make_model(tie_weights=tie, hidden_size=64, embed_dim=32)
+    engine = Engine(model)
+    ids = torch.randint(2, 50, (3, 30))
+    with torch.no_grad():
+        reference, _ = model(ids, engine.start_state(3))
+    ref_logp = torch.log_softmax(reference, dim=-1)
+    state = engine.start_state(3)
+    worst = 0.0
+    for t in range(ids.size(1)):
+        state = engine.step(ids[:, t], state)
+        worst = max(worst, (engine.log_probs(state) - ref_logp[:, t]).abs().max().item())
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("n", [1, SHORT_PREFILL - 1, SHORT_PREFILL, 120])
+def test_engine_prefill_matches_steps(n: int) -> None:
+    """Short prompts go through fused steps, long ones through one nn.LSTM call: same result."""
+    model = make_model()
+    engine = Engine(model)
+    ids = [2 + (i * 7) % 48 for i in range(n)]
+    a = engine.prefill(ids, engine.start_state())
+    b = engine.start_state()
+    for i in ids:
+        b = engine.step([i], b)
+    with torch.no_grad():
+        c = model.hidden(torch.tensor([ids]), engine.start_state())[1]  # always the whole-sequence path
+    assert (engine.log_probs(a) - engine.log_probs(b)).abs().max().item() <= 1e-4
+    assert (engine.log_probs(a) - engine.log_probs(c)).abs().max().item() <= 1e-4
+
+
+def test_stack_and_split_states() -> None:
+    engine = Engine(make_model())
+    s1 = engine.prefill([5, 6, 7], engine.start_state())
+    s2 = engine.prefill([9], engine.start_state())
+    batched = engine.step([3, 4], stack_states([s1, s2]))
+    one, two = split_state(batched)
+    alone = engine.step([4], s2)
+    assert (engine.logits(two) - engine.logits(alone)).abs().max().item() <= 1e-5
+    assert one[0][0].shape == (1, 20)
+
+
+def test_engine_score_matches_token_by_token() -> None:
+    model = make_model()
+    engine = Engine(model)
+    ids = [5, 9, 2, 33, 17, 8]
+    state = engine.prefill([3, 4], engine.start_state())
+    scores, after = engine.score(ids, state)
+    expected = []
+    st = state
+    for i in ids:
+        expected.append(float(engine.log_probs(st)[0, i]))
+        st = engine.step([i], st)
+    assert torch.allclose(scores, torch.tensor(expected), atol=1e-5)
+    assert (engine.log_probs(after) - engine.log_probs(st)).abs().max() <= 1e-4

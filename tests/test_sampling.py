@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    filtered_probs,
+    make_generator,
+    sample_token,
+)
+
+LOGITS = torch.tensor([5.0, 5.0, 1.0, 3.0, 2.0, -1.0])  # ids 0 (<s>) and 1 (<unk>) are never emitted
+
+
+def test_greedy_skips_specials() -> None:
+    assert sample_token(LOGITS, SamplingParams(temperature=0.0), None) == 3
+
+
+def test_top_k_one_is_greedy() -> None:
+    gen = make_generator(0)
+    assert {sample_token(LOGITS, SamplingParams(top_k=1), gen) for _ in range(50)} == {3}
+
+
+def test_specials_are_never_sampled() -> None:
+    gen = make_generator(1)
+    seen = {sample_token(LOGITS, SamplingParams(temperature=5.0), gen) for _ in range(500)}
+    assert seen == {2, 3, 4, 5}
+
+
+def test_same_seed_same_tokens() -> None:
+    params = SamplingParams(temperature=1.3)
+    a = [sample_token(LOGITS, params, make_generator(42)) for _ in range(1)]
+    g1, g2 = make_generator(42), make_generator(42)
+    assert [sample_token(LOGITS, params, g1) for _ in range(100)] == [
+        sample_token(LOGITS, params, g2) for _ in range(100)
+    ]
+    assert a[0] in (2, 3, 4, 5)
+
+
+def test_frequencies_follow_the_distribution() -> None:
+    logits = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0])
+    logits[:2] = -1e9
+    expected = torch.softmax(logits[2:], dim=0)
+    gen = make_generator(7)
+    n = 20_000
+    counts = torch.bincount(torch.tensor([sample_token(logits, SamplingParams(), gen) for _ in range(n)]), minlength=5)
+    observed = counts[2:].double() / n
+    assert torch.allclose(observed, expected.double(), atol=0.015)
+
+
+def test_top_p_keeps_smallest_sufficient_set() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    kept = filtered_probs(logits, SamplingParams(top_p=0.7)) > 0
+    assert kept.tolist() == [True, True, False, False]
+    kept = filtered_probs(logits, SamplingParams(top_p=0.5)) > 0
+    assert kept.tolist() == [True, False, False, False]
+
+
+def test_top_k_and_temperature() -> None:
+    probs = filtered_probs(np.array([1.0, 2.0, 3.0, 4.0]), SamplingParams(top_k=2, temperature=0.5))
+    assert probs[:2].sum() == 0
+    assert np.isclose(probs[3] / probs[2], np.exp(2.0))
+
+
+def test_repetition_penalty() -> None:
+    out = apply_repetition_penalty(np.array([2.0, -2.0, 2.0]), [0, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "kw", [{"temperature": -1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"repetition_penalty": 0}]
+)
+def test_invalid_params(kw: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**kw)  # type: ignore[arg-type]
+
+
+def test_batch_sampling_equals_one_by_one() -> None:
+    from model.sampling import sample_rows
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 40)).astype(np.float32) * 3
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_k=5, temperature=0.7),
+        SamplingParams(top_p=0.8),
+        SamplingParams(repetition_penalty=1.5, top_k=10),
+        SamplingParams(temperature=2.0, top_p=0.5, top_k=20),
+    ]
+    contexts = [[], [], [], [], [3, 4, 5, 6], []]
+    for seed in range(20):
+        batch = sample_rows(logits, params, [make_generator(seed + r) for r in range(6)], contexts)
+        single = [sample_token(logits[r], params[r], make_generator(seed + r), contexts[r]) for r in range(6)]
+        assert batch == single

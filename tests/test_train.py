@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from model.data import BatchStream, split_documents
+from model.train import Schedule, TrainConfig, train
+
+from conftest import TINY
+
+
+def _cfg(corpus: Path, out: Path, **kw: object) -> TrainConfig:
+    return TrainConfig(data=[str(corpus)], out_dir=str(out), **{**TINY, "max_steps": 30, "eval_interval": 10, **kw})  # type: ignore[arg-type]
+
+
+def test_resume_matches_uninterrupted_run(tiny_corpus: Path, tmp_path: Path) -> None:
+    full = train(_cfg(tiny_corpus, tmp_path / "full"), progress=False)
+    # the same run, stopped after a few steps and resumed twice
+    train(_cfg(tiny_corpus, tmp_path / "split", max_steps=30), progress=False, max_minutes=1e-9)
+    cfg = _cfg(tiny_corpus, tmp_path / "split")
+    first = train(cfg, resume=True, progress=False, max_minutes=1e-9)
+    assert 0 < first.steps < 30
+    resumed = train(cfg, resume=True, progress=False)
+    assert resumed.steps == full.steps == 30
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in full.history]
+    assert strip == [{k: v for k, v in h.items() if k != "elapsed"} for h in resumed.history]
+
+
+def test_training_learns_and_writes_artifacts(char_lm_dir: Path) -> None:
+    history = json.loads((char_lm_dir / "history.json").read_text())
+    assert history[-1]["val_nats_per_char"] < history[0]["val_nats_per_char"]
+    png = (char_lm_dir / "training_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (char_lm_dir / "resume" / "state.json").is_file()
+
+
+def test_seed_makes_training_deterministic(tiny_corpus: Path, tmp_path: Path) -> None:
+    a = train(_cfg(tiny_corpus, tmp_path / "a", max_steps=10), progress=False)
+    b = train(_cfg(tiny_corpus, tmp_path / "b", max_steps=10), progress=False)
+    c = train(_cfg(tiny_corpus, tmp_path / "c", max_steps=10, seed=7), progress=False)
+    assert a.history == [dict(h, elapsed=a.history[i]["elapsed"]) for i, h in enumerate(b.history)]
+    assert a.history[-1]["train_loss"] != c.history[-1]["train_loss"]
+
+
+def test_early_stopping(tiny_corpus: Path, tmp_path: Path) -> None:
+    # a learning rate this small cannot improve validation loss by much; with patience 1 the
+    # run must stop as soon as one evaluation is not the best
+    result = train(
+        _cfg(
+            tiny_corpus, tmp_path / "es", max_steps=200, eval_interval=5, lr=1e-9, warmup_steps=0, early_stop_patience=1
+        ),
+        progress=False,
+    )
+    assert result.stopped == "early_stop"
+    assert result.steps < 200
+
+
+def test_split_is_by_characters() -> None:
+    train_docs, val_docs = split_documents(["a" * 50, "b" * 50], 0.1)
+    assert train_docs == ["a" * 50, "b" * 40] and val_docs == ["b" * 10]
+    train_docs, val_docs = split_documents(["x" * 1_115_394], 0.1)
+    assert len(val_docs[0]) == 111_540  # nanoGPT's validation split of Tiny Shakespeare
+
+
+def test_batches_walk_contiguous_rows() -> None:
+    stream = torch.arange(25)
+    batches = BatchStream.from_stream(stream, batch_size=3, bptt=3)
+    x0, y0 = batches.window(0)
+    x1, _ = batches.window(1)
+    assert x0.tolist() == [[0, 1, 2], [8, 9, 10], [16, 17, 18]]
+    assert y0.tolist() == [[1, 2, 3], [9, 10, 11], [17, 18, 19]]
+    assert x1[:, 0].tolist() == [3, 11, 19]
+    assert batches.windows_per_epoch == 2
+
+
+def test_schedule_shapes() -> None:
+    cfg = TrainConfig(data=[], out_dir="", lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    s = Schedule(cfg)
+    assert s.lr(0) == 0.1 and s.lr(9) == 1.0
+    assert abs(s.lr(60) - 0.55) < 1e-9 and abs(s.lr(110) - 0.1) < 1e-9
+    plateau = Schedule(TrainConfig(data=[], out_dir="", lr=1.0, warmup_steps=0, schedule="plateau", plateau_patience=2))
+    for loss in (1.0, 1.1, 1.2):
+        plateau.observe(loss)
+    assert plateau.lr(50) == 0.5
