@@ -2,15 +2,16 @@
 
 Decoding one token through nn.LSTM costs far more in per-call overhead than in arithmetic
 (three modules, oneDNN primitive setup, autograd bookkeeping). The step here does per layer one
-GEMM of [x, h] against the pre-transposed, concatenated gate weights, in numpy: its OpenBLAS
-GEMV uses both cores, where torch's single-row addmm measured ~3x slower on this machine
-(bench/decode.py prints the comparison). The first layer's input projection is a table
-lookup: embedding @ W_ih^T + biases is precomputed once per vocabulary entry.
+GEMM of [x, h] against the pre-transposed, concatenated gate weights, in numpy: OpenBLAS's
+GEMV measured ~3x faster than torch's single-row addmm on this machine (bench/decode.py prints
+the comparison in every run). The first layer's input projection is a table lookup:
+embedding @ W_ih^T + biases is precomputed once per vocabulary entry. (The service runs
+OpenBLAS on one thread per worker: see Settings.blas_threads.)
 
 Prefill (prompts, session priming, scoring) is one whole-sequence nn.LSTM call per layer,
 which is what oneDNN is good at.
 
-Results equal nn.LSTM's to float32 rounding (tests/test_engine.py checks max |Δ logprob|).
+Results equal nn.LSTM's to float32 rounding (tests/test_lstm.py checks max |Δ logprob| <= 1e-4).
 """
 
 from __future__ import annotations
