@@ -90,6 +90,10 @@ class _Client(threading.Thread):
             start = last = time.perf_counter()
             tokens = 0
             try:
+                # a connection per request, as separate clients would open: a kept-alive connection
+                # stays with whichever worker accepted it first, which measured lopsided (one worker
+                # serving all 8 clients while the other idled); a fresh one goes to a free worker
+                conn.close()
                 conn.request("POST", "/generate", json.dumps(body), {"Content-Type": "application/json"})
                 resp = conn.getresponse()
                 if resp.status != 200:

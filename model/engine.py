@@ -6,7 +6,10 @@ GEMM of [x, h] against the pre-transposed, concatenated gate weights, in numpy: 
 GEMV measured ~3x faster than torch's single-row addmm on this machine (bench/decode.py prints
 the comparison in every run). The first layer's input projection is a table lookup:
 embedding @ W_ih^T + biases is precomputed once per vocabulary entry. (The service runs
-OpenBLAS on one thread per worker: see Settings.blas_threads.)
+OpenBLAS on one thread per worker: see Settings.blas_threads.) For batched steps torch's matmul
+measured up to 2x faster than OpenBLAS's sgemm at 2-16 rows in isolation, yet the service under
+load (two workers, 8 and 32 streaming clients) ran at half the throughput with it, so numpy
+stays for every batch size.
 
 Prefill (prompts, session priming, scoring) is one whole-sequence nn.LSTM call per layer,
 which is what oneDNN is good at.
