@@ -1,5 +1,6 @@
 """Decode tokens/s at batch 1: the engine against the naive nn.LSTM-per-token loop, a fused-torch
-variant, and the weight-bandwidth bound, all measured in this run with the same thread budget.
+variant, and the weight-bandwidth bound, all measured in this run with the same thread budget;
+plus the aggregate rate of stepping many sequences together (what the service's batching uses).
 
     python -m bench.decode [--checkpoint DIR] [--tokens N] [--threads 2]
 """
@@ -30,6 +31,21 @@ def naive_loop(lm: LanguageModel, n: int) -> None:
         for _ in range(n):
             logits, state = lm.model(inp, state)
             inp.fill_(int(torch.argmax(logits[0, -1])))
+
+
+def batched_rate(engine: Engine, batch: int, steps: int) -> float:
+    """Aggregate tokens/s of stepping `batch` independent sequences together (the scheduler's tick,
+    without sampling)."""
+    start = engine.start_state(batch)
+    ids = np.full(batch, 2)
+
+    def go() -> None:
+        state = start
+        for _ in range(steps):
+            state = engine.step(ids, state)
+            engine.logits(state)
+
+    return batch * steps / median_time(go, 3)
 
 
 def engine_loop(engine: Engine, n: int) -> None:
@@ -105,6 +121,10 @@ def run(checkpoint: Path, tokens: int, threads: int, int8: bool = True) -> dict[
             rates["naive, oneDNN off"] = naive_n / median_time(lambda: naive_loop(lm, naive_n), 3)
     rates["fused step in torch (addmm)"] = tokens / median_time(lambda: fused_torch.run(tokens), 3)
     rates["engine (fused numpy step)"] = tokens / median_time(lambda: engine_loop(engine, tokens), 3)
+    batches = {b: batched_rate(engine, b, max(20, tokens // (4 * b))) for b in (1, 8, 32, 64)}
+    set_threads(1)  # what one service worker gets (BLAS_THREADS=1, one worker per core)
+    rates["engine, 1 thread (one service worker)"] = tokens / median_time(lambda: engine_loop(engine, tokens), 3)
+    set_threads(threads)
     if int8:
         q_engine = Engine(quantize_int8(lm).model)
         rates["int8 (quantized modules per token)"] = naive_n / median_time(lambda: engine_loop(q_engine, naive_n), 3)
@@ -122,6 +142,7 @@ def run(checkpoint: Path, tokens: int, threads: int, int8: bool = True) -> dict[
         "gemv_bandwidth_gb_s": bandwidth / 1e9,
         "bound_tokens_per_second": bound,
         "engine_vs_naive": engine_rate / naive_rate,
+        "batched_tokens_per_second": batches,
         "engine_vs_bound": engine_rate / bound,
     }
 
@@ -142,6 +163,9 @@ def report(r: dict[str, Any]) -> str:
         f"({r['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token, "
         f"GEMV at {r['gemv_bandwidth_gb_s']:.1f} GB/s; {r['threads']} threads)"
     )
+    batches = {int(b): v for b, v in r["batched_tokens_per_second"].items()}
+    rows = [[b, v, f"{v / batches[1]:.1f}x"] for b, v in batches.items()]
+    text += "\n\n" + table(["sequences stepped together", "aggregate tokens/s", "vs batch 1"], rows)
     return text
 
 
