@@ -100,6 +100,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=d.reset_prob,
         help="chance per row and window of restarting from <s> (trains fresh states)",
     )
+    g.add_argument(
+        "--epoch-offset",
+        type=int,
+        default=d.epoch_offset,
+        help="each epoch cuts the corpus into rows starting a random 0..N tokens in, so windows differ "
+        "between epochs (0: the same cut every epoch)",
+    )
     g = p.add_argument_group("bookkeeping")
     g.add_argument(
         "--eval-interval",
@@ -125,6 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.resume:
         saved = json.loads((out / RESUME_DIR / "train_config.json").read_text(encoding="utf-8"))
+        saved.setdefault("epoch_offset", 0)  # runs started before the flag existed used one cut
         cfg = TrainConfig(**saved)
         if args.max_steps is not None:
             cfg.max_steps = args.max_steps  # extending a run stretches the cosine schedule

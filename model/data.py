@@ -74,27 +74,52 @@ def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> Tensor:
 
 @dataclass
 class BatchStream:
-    """A token stream laid out as (B, N) rows, walked in windows of `bptt` tokens."""
+    """A token stream laid out as (B, N) rows, walked in windows of `bptt` tokens.
 
-    rows: Tensor  # (B, N)
+    With `max_offset` > 0 each epoch may cut its rows starting a few tokens into the stream, so
+    over many epochs the model does not see the same windows at the same boundaries every time
+    (a cheap augmentation that matters once a small corpus has been seen dozens of times).
+    """
+
+    stream: Tensor  # (N,)
+    batch_size: int
     bptt: int
+    max_offset: int = 0
 
     @classmethod
-    def from_stream(cls, stream: Tensor, batch_size: int, bptt: int) -> BatchStream:
-        n = stream.numel() // batch_size
-        if n < bptt + 1:
+    def from_stream(cls, stream: Tensor, batch_size: int, bptt: int, max_offset: int = 0) -> BatchStream:
+        batches = cls(stream, batch_size, bptt, max_offset)
+        if batches.row_length < bptt + 1:
             raise CorpusError(
                 f"training text too small: {stream.numel()} tokens cannot fill {batch_size} rows "
-                f"of {bptt + 1}; lower --batch-size or --bptt"
+                f"of {bptt + 1} (plus an epoch offset of up to {max_offset}); lower --batch-size, --bptt "
+                "or --epoch-offset"
             )
-        return cls(stream[: n * batch_size].view(batch_size, n), bptt)
+        return batches
+
+    @property
+    def row_length(self) -> int:
+        """Tokens per row; the same for every offset, so every epoch has the same windows."""
+        return (self.stream.numel() - self.max_offset) // self.batch_size
 
     @property
     def windows_per_epoch(self) -> int:
-        return (self.rows.size(1) - 1) // self.bptt
+        return (self.row_length - 1) // self.bptt
 
-    def window(self, index: int) -> tuple[Tensor, Tensor]:
-        """Inputs and targets of window `index` within an epoch, each (B, T)."""
+    def epoch_offset(self, seed: int, epoch: int) -> int:
+        """Where epoch `epoch` starts cutting rows: a function of (seed, epoch) only, so a resumed
+        run recomputes it instead of storing it."""
+        if self.max_offset == 0:
+            return 0
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        return int(torch.randint(0, self.max_offset + 1, (1,), generator=gen).item())
+
+    def window(self, index: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """Inputs and targets of window `index` within an epoch cut at `offset`, each (B, T)."""
+        if not 0 <= offset <= self.max_offset:
+            raise ValueError(f"offset {offset} outside 0..{self.max_offset}")
+        n = self.row_length
+        rows = self.stream[offset : offset + n * self.batch_size].view(self.batch_size, n)
         start = index * self.bptt
-        chunk = self.rows[:, start : start + self.bptt + 1]
+        chunk = rows[:, start : start + self.bptt + 1]
         return chunk[:, :-1], chunk[:, 1:]

@@ -57,6 +57,7 @@ class TrainConfig:
     clip: float = 1.0
     max_steps: int = 5000
     reset_prob: float = 0.01  # per row and window: restart from <s> so fresh states are trained
+    epoch_offset: int = 128  # each epoch cuts its rows up to this many tokens into the stream
     # bookkeeping
     eval_interval: int = 250
     checkpoint_interval: int = 100
@@ -76,6 +77,8 @@ class TrainConfig:
             raise ValueError("schedule must be 'cosine' or 'plateau'")
         if min(self.batch_size, self.bptt, self.max_steps, self.eval_interval, self.checkpoint_interval) < 1:
             raise ValueError("batch size, bptt, steps and intervals must be positive")
+        if self.epoch_offset < 0:
+            raise ValueError("epoch_offset must be 0 or more")
 
 
 @dataclass
@@ -159,7 +162,9 @@ def train(
     optimizer = make_optimizer(model, cfg)
     schedule = Schedule(cfg)
     data_rng = torch.Generator().manual_seed(cfg.seed + 1)
-    batches = BatchStream.from_stream(encode_documents(tokenizer, train_docs), cfg.batch_size, cfg.bptt)
+    batches = BatchStream.from_stream(
+        encode_documents(tokenizer, train_docs), cfg.batch_size, cfg.bptt, cfg.epoch_offset
+    )
     carried = model.init_state(cfg.batch_size)
     step, elapsed, history = 0, 0.0, []
     loss_sum, loss_count = 0.0, 0  # training loss since the last evaluation
@@ -211,7 +216,7 @@ def train(
         window = step % batches.windows_per_epoch
         if window == 0:
             carried = model.init_state(cfg.batch_size)
-        inputs, targets = batches.window(window)
+        inputs, targets = batches.window(window, batches.epoch_offset(cfg.seed, step // batches.windows_per_epoch))
         inputs = inputs.clone()
         if cfg.reset_prob > 0:
             restart = torch.rand(cfg.batch_size, generator=data_rng) < cfg.reset_prob

@@ -88,3 +88,16 @@ def test_schedule_shapes() -> None:
     for loss in (1.0, 1.1, 1.2):
         plateau.observe(loss)
     assert plateau.lr(50) == 0.5
+
+
+def test_epoch_offsets_recut_the_rows_reproducibly() -> None:
+    stream = torch.arange(40)
+    batches = BatchStream.from_stream(stream, batch_size=3, bptt=3, max_offset=4)
+    assert batches.row_length == 12 and batches.windows_per_epoch == 3  # the same for every offset
+    x, y = batches.window(0, offset=2)
+    assert x.tolist() == [[2, 3, 4], [14, 15, 16], [26, 27, 28]]
+    assert y.tolist() == [[3, 4, 5], [15, 16, 17], [27, 28, 29]]
+    offsets = [batches.epoch_offset(seed=1, epoch=e) for e in range(20)]
+    assert offsets == [batches.epoch_offset(seed=1, epoch=e) for e in range(20)]  # recomputable on resume
+    assert len(set(offsets)) > 1 and all(0 <= o <= 4 for o in offsets)
+    assert BatchStream.from_stream(stream, 3, 3).epoch_offset(seed=1, epoch=5) == 0
