@@ -28,14 +28,18 @@ def test_int8_model_stays_close(char_lm: LanguageModel) -> None:
     assert abs(gap) < 0.1
 
 
-def test_int8_step_matches_its_own_prefill(char_lm: LanguageModel) -> None:
+def test_int8_step_stays_close_to_its_own_prefill(char_lm: LanguageModel) -> None:
+    # Dynamic quantization picks activation scales per call, so a whole-sequence call and a
+    # token-by-token loop round differently: int8 continuation is close, not bit-exact (the
+    # README says so; float32, the default, is exact and tested in test_continuation.py).
     int8 = Engine(quantize_int8(char_lm).model)
     ids = char_lm.tokenizer.encode("To be, or not")
     state = int8.start_state()
     for i in ids:
         state = int8.step([i], state)
     whole = int8.prefill(ids, int8.start_state())
-    assert torch.allclose(int8.log_probs(state), int8.log_probs(whole), atol=1e-4)
+    gap = (int8.log_probs(state) - int8.log_probs(whole)).abs().max().item()
+    assert gap < 0.05
 
 
 def test_service_serves_int8(make_app: AppFactory) -> None:
