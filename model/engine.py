@@ -1,18 +1,9 @@
-"""Inference engine: whole-sequence prefill and a fused single-token decode step.
+"""Inference engine: whole-sequence prefill and a fast single-token decode step.
 
-Decoding one token through nn.LSTM costs far more in per-call overhead than in arithmetic
-(three modules, oneDNN primitive setup, autograd bookkeeping). The step here does per layer one
-GEMM of [x, h] against the pre-transposed, concatenated gate weights, in numpy: OpenBLAS's
-GEMV measured ~3x faster than torch's single-row addmm on this machine (bench/decode.py prints
-the comparison in every run). The first layer's input projection is a table lookup:
-embedding @ W_ih^T + biases is precomputed once per vocabulary entry. (The service runs
-OpenBLAS on one thread per worker: see Settings.blas_threads.) For batched steps torch's matmul
-measured up to 2x faster than OpenBLAS's sgemm at 2-16 rows in isolation, yet the service under
-load (two workers, 8 and 32 streaming clients) ran at half the throughput with it, so numpy
-stays for every batch size.
-
-Prefill (prompts, session priming, scoring) is one whole-sequence nn.LSTM call per layer,
-which is what oneDNN is good at.
+Decoding runs on model.fused.FusedStep (one GEMM per layer in numpy, on flat state rows; its
+docstring says why each choice was measured). Prefill (prompts, session priming, scoring) is one
+whole-sequence nn.LSTM call per layer, which is what oneDNN is good at; below SHORT_PREFILL
+tokens a loop of fused steps is faster than that call's fixed cost.
 
 Results equal nn.LSTM's to float32 rounding (tests/test_lstm.py checks max |Δ logprob| <= 1e-4).
 """
@@ -23,57 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .lstm import LSTMLanguageModel, State, lstm_weights
+from .fused import FusedStep
+from .lstm import LSTMLanguageModel, State, flatten_state, unflatten_state
 from .quantize import is_quantized
 from .tokenizer import BOS_ID
-
-
-def _sigmoid_(x: np.ndarray) -> np.ndarray:
-    """In-place logistic function."""
-    np.negative(x, out=x)
-    np.exp(x, out=x)
-    x += 1.0
-    return np.reciprocal(x, out=x)
-
-
-def gate_order(hidden: int) -> np.ndarray:
-    """Column permutation from PyTorch's gate order (i, f, g, o) to (i, f, o, g): the three
-    sigmoid gates become one contiguous block, so a step needs one sigmoid and one tanh call."""
-    i, f, g, o = (np.arange(k * hidden, (k + 1) * hidden) for k in range(4))
-    return np.concatenate([i, f, o, g])
-
-
-class _FusedLayer:
-    """One LSTM layer as a single matrix: gates (B, 4H) = [x, h] (B, I+H) @ W (I+H, 4H) + b,
-    with W's columns in (i, f, o, g) order."""
-
-    def __init__(self, lstm: torch.nn.LSTM, input_table: np.ndarray | None):
-        weights = lstm_weights(lstm)
-        w_ih, w_hh = (w.detach().float().numpy() for w in weights[:2])
-        self.hidden = w_hh.shape[1]
-        order = gate_order(self.hidden)
-        self.b = (weights[2] + weights[3]).detach().float().numpy()[order]  # folded into the table for layer 1
-        self.input_table = None if input_table is None else np.ascontiguousarray(input_table[:, order])  # (V, 4H)
-        w = w_hh if input_table is not None else np.concatenate([w_ih, w_hh], axis=1)
-        self.w = np.ascontiguousarray(w.T[:, order])  # (H, 4H) for layer 1, else (I+H, 4H)
-
-    def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x: token ids (B,) for the first layer, else (B, I); h, c: (B, H)."""
-        hs = self.hidden
-        if self.input_table is not None:
-            gates = h @ self.w
-            gates += self.input_table[x]
-        else:
-            gates = np.concatenate([x, h], axis=1) @ self.w
-            gates += self.b
-        sig = _sigmoid_(gates[:, : 3 * hs])  # i, f, o
-        g = np.tanh(gates[:, 3 * hs :])
-        c_new = sig[:, hs : 2 * hs] * c
-        c_new += sig[:, :hs] * g
-        h_new = np.tanh(c_new)
-        h_new *= sig[:, 2 * hs : 3 * hs]
-        return h_new, c_new
-
 
 SHORT_PREFILL = 40  # tokens: below this a loop of fused steps beats one nn.LSTM call (measured break-even ~45)
 
@@ -92,22 +36,23 @@ class Engine:
         self.fused = not is_quantized(model)
         with torch.no_grad():
             _, self._start = model(torch.tensor([[BOS_ID]]), None)
-        if self.fused:
-            self._build_fused(model)
-
-    def _build_fused(self, model: LSTMLanguageModel) -> None:
-        emb = model.embedding.weight.detach().float()
-        first = model.lstm(0)
-        w_ih, _, b_ih, b_hh = lstm_weights(first)
-        table = torch.addmm(b_ih + b_hh, emb, w_ih.t()).detach().numpy()
-        self._layers = [_FusedLayer(first, np.ascontiguousarray(table))]
-        self._layers += [_FusedLayer(model.lstm(i), None) for i in range(1, len(model.layers))]
-        self._dec_w = np.ascontiguousarray(model.decoder.weight.detach().float().numpy().T)  # (H_L, V)
-        self._dec_b = model.decoder.bias.detach().float().numpy()
+        self._fused = FusedStep(model) if self.fused else None
 
     def start_state(self, batch_size: int = 1) -> State:
         """The state after <s>: where every text begins."""
         return tuple((h.expand(batch_size, -1).clone(), c.expand(batch_size, -1).clone()) for h, c in self._start)
+
+    # The decode path works on flat float32 rows (B, S), S = state_size(config), laid out as
+    # lstm.flatten_state lays out a State: [h_1 .. h_L, c_1 .. c_L]. A session's stored state
+    # is the same bytes, and a row of a batch is a numpy view, so the scheduler never converts.
+
+    def rows(self, state: State) -> np.ndarray:
+        """State -> flat rows (B, S), float32."""
+        return np.ascontiguousarray(flatten_state(state).detach().float().numpy())
+
+    def state_of(self, rows: np.ndarray) -> State:
+        """Flat rows (B, S) -> State (copies, so the State owns its memory)."""
+        return unflatten_state(torch.from_numpy(np.array(rows, dtype=np.float32, ndmin=2)), self.config)
 
     @torch.no_grad()
     def prefill(self, ids: list[int] | Tensor, state: State) -> State:
@@ -119,9 +64,10 @@ class Engine:
         if len(ids) == 0:
             return state
         if self.fused and len(ids) < SHORT_PREFILL:
-            for token in ids:
-                state = self.step([int(token)], state)
-            return state
+            rows = self.rows(state)
+            for token in np.asarray(ids, dtype=np.int64).reshape(-1, 1):
+                rows = self.step_rows(token, rows)
+            return self.state_of(rows)
         tokens = torch.as_tensor(ids, dtype=torch.long).view(1, -1)
         _, new_state = self.model.hidden(tokens, state)  # no output layer: nothing reads those logits
         return new_state
@@ -139,27 +85,29 @@ class Engine:
 
     def step(self, ids: Tensor | np.ndarray | list[int], state: State) -> State:
         """Consume one token for each of B sequences: ids (B,), state of batch B."""
-        if not self.fused:
+        return self.state_of(self.step_rows(np.asarray(ids, dtype=np.int64).reshape(-1), self.rows(state)))
+
+    def step_rows(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Consume one token for each of B sequences: ids (B,) int64, rows (B, S) -> new rows (B, S).
+        `rows` is not modified."""
+        if self._fused is None:
             with torch.no_grad():
-                _, new_state = self.model.hidden(torch.as_tensor(np.asarray(ids, dtype=np.int64)).view(-1, 1), state)
-            return new_state
-        x: np.ndarray = np.asarray(ids, dtype=np.int64)
-        new = []
-        for layer, (h, c) in zip(self._layers, state):
-            h_new, c_new = layer.step(x, h.numpy(), c.numpy())
-            new.append((torch.from_numpy(h_new), torch.from_numpy(c_new)))
-            x = h_new
-        return tuple(new)
+                _, new_state = self.model.hidden(torch.from_numpy(ids).view(-1, 1), self.state_of(rows))
+            return self.rows(new_state)
+        return self._fused.step(ids, rows)
+
+    def logits_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Next-token logits (B, V) after flat rows (B, S); in eval mode a function of the top h."""
+        if self._fused is None:
+            return self.logits(self.state_of(rows)).numpy()
+        return self._fused.logits(rows)
 
     def logits(self, state: State) -> Tensor:
-        """Next-token logits (B, V) after `state`; in eval mode they are a function of the top h."""
+        """Next-token logits (B, V) after `state`."""
         if not self.fused:
             with torch.no_grad():
                 return self.model.decoder(state[-1][0]).float()
-        h = state[-1][0].detach().numpy()
-        out = h @ self._dec_w
-        out += self._dec_b
-        return torch.from_numpy(out)
+        return torch.from_numpy(self.logits_rows(self.rows(state)))
 
     def log_probs(self, state: State) -> Tensor:
         return torch.log_softmax(self.logits(state), dim=-1)

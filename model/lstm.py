@@ -174,17 +174,22 @@ def state_size(config: ModelConfig) -> int:
 
 
 def flatten_state(state: State) -> Tensor:
-    """State -> (B, state_size) with layout [h_1, c_1, h_2, c_2, ...]."""
-    return torch.cat([t for hc in state for t in hc], dim=1)
+    """State -> (B, state_size) with layout [h_1, ..., h_L, c_1, ..., c_L].
+
+    All h first: then the decode step's layer-l input [h_(l-1), h_l] is one contiguous slice
+    (model/fused.py), and a session's stored bytes are the decode step's own layout."""
+    return torch.cat([hc[0] for hc in state] + [hc[1] for hc in state], dim=1)
 
 
 def unflatten_state(flat: Tensor, config: ModelConfig) -> State:
-    """(B, state_size) -> State; the inverse of flatten_state."""
+    """(B, state_size) -> State; the inverse of flatten_state (views into `flat`)."""
     if flat.dim() != 2 or flat.size(1) != state_size(config):
         raise ValueError(f"state of shape {tuple(flat.shape)} does not fit this model ({state_size(config)} floats)")
+    sizes = config.layer_sizes
+    c_at = sum(sizes)
     out = []
     offset = 0
-    for h in config.layer_sizes:
-        out.append((flat[:, offset : offset + h], flat[:, offset + h : offset + 2 * h]))
-        offset += 2 * h
+    for h in sizes:
+        out.append((flat[:, offset : offset + h], flat[:, c_at + offset : c_at + offset + h]))
+        offset += h
     return tuple(out)

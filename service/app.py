@@ -21,13 +21,14 @@ from .inference import LMService
 from .schemas import InfoResponse, Limits
 from .sessions import MemorySessionStore, RedisSessionStore, SessionStore, StoreUnavailable
 from .settings import Settings, SettingsError
+from .state_codec import store_namespace
 
 log = logging.getLogger(__name__)
 
 
 def build_store(settings: Settings, fingerprint: str) -> SessionStore:
     if settings.redis_url:
-        return RedisSessionStore(settings.redis_url, fingerprint, settings.session_ttl_seconds)
+        return RedisSessionStore(settings.redis_url, store_namespace(fingerprint), settings.session_ttl_seconds)
     return MemorySessionStore(settings.session_ttl_seconds, settings.memory_store_max_bytes)
 
 

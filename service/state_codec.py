@@ -2,7 +2,7 @@
 
     offset  size  field
     0       4     magic b"LSTM"
-    4       1     codec version (1)
+    4       1     codec version (2)
     5       1     dtype code (1 = float32, little-endian)
     6       2     reserved (0)
     8       4     rows (always 1: one sequence)
@@ -12,7 +12,10 @@
     32      8     version counter (u64): compare-and-set token for concurrent writers
     40      8     created_at (f64, unix seconds)
     48      8     updated_at (f64, unix seconds)
-    56      ...   rows * columns * 4 bytes of float32 state, layout [h_1, c_1, h_2, c_2, ...]
+    56      ...   rows * columns * 4 bytes of float32 state, layout [h_1 .. h_L, c_1 .. c_L]
+
+Version 1 laid the state out [h_1, c_1, h_2, c_2, ...]; keys carry the codec version
+(RedisSessionStore's namespace), so a version-1 blob is never read as version 2.
 
 The version sits at a fixed offset so the Redis compare-and-set script can compare it as bytes.
 """
@@ -26,12 +29,17 @@ import numpy as np
 import torch
 
 MAGIC = b"LSTM"
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 DTYPE_FLOAT32 = 1
 HEADER = struct.Struct("<4sBBHII8sQQdd")
 HEADER_SIZE = HEADER.size  # 56
 VERSION_OFFSET = 32
 VERSION_FORMAT = struct.Struct("<Q")
+
+
+def store_namespace(fingerprint: str) -> str:
+    """Where a model's sessions live in a shared store: its fingerprint and this codec's version."""
+    return f"{fingerprint}:v{CODEC_VERSION}"
 
 
 class StateDecodeError(ValueError):

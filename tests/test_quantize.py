@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import torch
-
 from model import LanguageModel
 from model.engine import Engine
 from model.evaluate import evaluate_text

@@ -1,0 +1,136 @@
+"""The fused single-token LSTM step that decoding runs on.
+
+Decoding one token through nn.LSTM costs far more in per-call overhead than in arithmetic
+(three modules, oneDNN primitive setup, autograd bookkeeping). Here each layer is one GEMM of
+[x, h] against its pre-transposed, concatenated gate weights plus a few elementwise calls, in
+numpy: OpenBLAS's GEMV measured ~3x faster than torch's single-row addmm on this machine, and
+torch.mv on two threads ~4x slower than on one (bench/decode.py prints the comparison in every
+run). For batched steps torch's matmul was up to 2x faster than OpenBLAS's sgemm at 2-16 rows
+in isolation, yet the service under load ran at half the throughput with it, so numpy stays
+for every batch size.
+
+At batch 1 the arithmetic of a 512-wide layer takes a few microseconds outside the GEMV, so
+what remains is the cost of each numpy call and each view it creates (~0.5-1 µs apiece). So:
+
+- the first layer's input projection is a table row per token (embedding @ W_ih^T + biases,
+  precomputed for the whole vocabulary);
+- gate columns are reordered to (i, f, o, g) and the sigmoid gates' columns halved (exact in
+  floating point): sigmoid(z) = 0.5 + 0.5 * tanh(z / 2), so one tanh covers all four gates;
+- state rows are laid out [h_1 .. h_L, c_1 .. c_L] (lstm.flatten_state), so layer l's input
+  [h_(l-1) new, h_l old] is one contiguous slice and the layers update a copy of the rows in
+  place: no concatenation, no permutation, no allocation but the result;
+- each thread keeps, per batch size, a workspace whose every view is made once.
+
+Results equal nn.LSTM's to float32 rounding (tests/test_lstm.py checks max |Δ logprob| <= 1e-4).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .lstm import LSTMLanguageModel, lstm_weights
+
+
+def gate_order(hidden: int) -> np.ndarray:
+    """Column permutation from PyTorch's gate order (i, f, g, o) to (i, f, o, g)."""
+    i, f, g, o = (np.arange(k * hidden, (k + 1) * hidden) for k in range(4))
+    return np.concatenate([i, f, o, g])
+
+
+def _prepared(w: np.ndarray, hidden: int) -> np.ndarray:
+    """Gate columns (last axis, 4H) in (i, f, o, g) order with the sigmoid gates halved."""
+    scale = np.ones(4 * hidden, dtype=np.float32)
+    scale[: 3 * hidden] = 0.5
+    return np.ascontiguousarray(w[..., gate_order(hidden)] * scale)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    w: np.ndarray  # (H, 4H) for layer 1 (its input comes from the table), else (I + H, 4H)
+    bias: np.ndarray | None  # (4H,); None for layer 1, whose biases are in the table
+    table: np.ndarray | None  # (V, 4H) for layer 1
+
+
+class _Workspace:
+    """Buffers for one batch size in one thread, with every view made once."""
+
+    def __init__(self, sizes: list[int], batch: int):
+        widths = sum(sizes)
+        self.buf = np.empty((batch, 2 * widths), dtype=np.float32)  # [h_1 .. h_L, c_1 .. c_L]
+        h_at = np.cumsum([0, *sizes])
+        self.layers = []
+        for i, hs in enumerate(sizes):
+            gates = np.empty((batch, 4 * hs), dtype=np.float32)
+            self.layers.append(
+                (
+                    self.buf[:, h_at[max(i - 1, 0)] : h_at[i + 1]],  # input: [h_(l-1), h_l], or h_1
+                    gates,
+                    gates[:, : 3 * hs],  # the sigmoid gates
+                    gates[:, :hs],  # i
+                    gates[:, hs : 2 * hs],  # f
+                    gates[:, 2 * hs : 3 * hs],  # o
+                    gates[:, 3 * hs :],  # g
+                    self.buf[:, h_at[i] : h_at[i + 1]],  # h
+                    self.buf[:, widths + h_at[i] : widths + h_at[i + 1]],  # c
+                )
+            )
+
+
+class FusedStep:
+    """Steps B sequences by one token on flat float32 state rows (B, S) laid out as
+    lstm.flatten_state lays out a State: [h_1 .. h_L, c_1 .. c_L]. Thread-safe."""
+
+    def __init__(self, model: LSTMLanguageModel):
+        sizes = model.config.layer_sizes
+        self.sizes = sizes
+        emb = model.embedding.weight.detach().float()
+        self.layers: list[_Layer] = []
+        for i, hs in enumerate(sizes):
+            w_ih, w_hh, b_ih, b_hh = (t.detach().float() for t in lstm_weights(model.lstm(i)))
+            if i == 0:
+                table = torch.addmm(b_ih + b_hh, emb, w_ih.t()).numpy()
+                self.layers.append(_Layer(_prepared(w_hh.t().numpy(), hs), None, _prepared(table, hs)))
+            else:
+                w = torch.cat([w_ih, w_hh], dim=1).t().numpy()
+                self.layers.append(_Layer(_prepared(w, hs), _prepared((b_ih + b_hh).numpy(), hs), None))
+        self.dec_w = np.ascontiguousarray(model.decoder.weight.detach().float().numpy().T)  # (H_L, V)
+        self.dec_b = model.decoder.bias.detach().float().numpy()
+        self.top = slice(sum(sizes[:-1]), sum(sizes))  # the last layer's h
+        self._local = threading.local()
+
+    def _workspace(self, batch: int) -> _Workspace:
+        spaces: dict[int, _Workspace] = self._local.__dict__.setdefault("spaces", {})
+        ws = spaces.get(batch)
+        if ws is None:
+            ws = spaces[batch] = _Workspace(self.sizes, batch)
+        return ws
+
+    def step(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """ids (B,) int64 and rows (B, S) -> the rows after consuming ids (a new array)."""
+        ws = self._workspace(len(ids))
+        np.copyto(ws.buf, rows)
+        matmul, tanh, multiply = np.matmul, np.tanh, np.multiply
+        for layer, (x, gates, sig, i, f, o, g, h, c) in zip(self.layers, ws.layers):
+            matmul(x, layer.w, out=gates)
+            if layer.table is not None:
+                gates += layer.table[ids]
+            else:
+                gates += layer.bias
+            tanh(gates, out=gates)
+            sig += 1.0
+            sig *= 0.5
+            c *= f  # c' = f * c + i * g
+            c += multiply(i, g, out=i)
+            tanh(c, out=h)  # h' = o * tanh(c')
+            h *= o
+        return ws.buf.copy()
+
+    def logits(self, rows: np.ndarray) -> np.ndarray:
+        """Next-token logits (B, V) after rows (B, S)."""
+        out = rows[:, self.top] @ self.dec_w
+        out += self.dec_b
+        return out
