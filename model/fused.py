@@ -51,7 +51,7 @@ def _prepared(w: np.ndarray, hidden: int) -> np.ndarray:
 @dataclass(frozen=True)
 class _Layer:
     w: np.ndarray  # (H, 4H) for layer 1 (its input comes from the table), else (I + H, 4H)
-    bias: np.ndarray | None  # (4H,); None for layer 1, whose biases are in the table
+    bias: np.ndarray  # (4H,); zeros for layer 1, whose biases are in the table
     table: np.ndarray | None  # (V, 4H) for layer 1
 
 
@@ -93,7 +93,8 @@ class FusedStep:
             w_ih, w_hh, b_ih, b_hh = (t.detach().float() for t in lstm_weights(model.lstm(i)))
             if i == 0:
                 table = torch.addmm(b_ih + b_hh, emb, w_ih.t()).numpy()
-                self.layers.append(_Layer(_prepared(w_hh.t().numpy(), hs), None, _prepared(table, hs)))
+                zero = np.zeros(4 * hs, dtype=np.float32)
+                self.layers.append(_Layer(_prepared(w_hh.t().numpy(), hs), zero, _prepared(table, hs)))
             else:
                 w = torch.cat([w_ih, w_hh], dim=1).t().numpy()
                 self.layers.append(_Layer(_prepared(w, hs), _prepared((b_ih + b_hh).numpy(), hs), None))
