@@ -1,6 +1,6 @@
 """Generation as a per-sequence state machine, so one sequence or many can be stepped together.
 
-A `Decoder` owns everything one request needs between model steps: its state, sampling
+A `Decoder` owns everything one request needs between model steps: its state row, sampling
 parameters and generator, the text so far, and stop-string handling. A driver (the loop in
 `generate` below, or the service's batching scheduler) asks each active decoder for its next
 input token, steps the model once for all of them, and hands each its new state.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,20 +63,27 @@ class _Pending:
     end: int  # offset in the generated text where this token ends
 
 
-@dataclass
 class Decoder:
-    """Generation for one sequence. Call `next_input()`, step the model, then `advance(state)`."""
+    """Generation for one sequence. Call `next_input()`, step the model, then `advance(row)`.
 
-    engine: Engine
-    tokenizer: Tokenizer
-    state: State  # after the prompt
-    params: GenerationParams
-    context: list[int] = field(default_factory=list)  # prompt ids, for the repetition penalty
-    seed: int = 0
-    finished: Finished | None = None
+    The state is a flat float32 row (S,) (Engine.rows layout): in a batch it is a view of the
+    scheduler's step output, so taking it costs nothing."""
 
-    def __post_init__(self) -> None:
-        self.seed = self.params.seed if self.params.seed is not None else new_seed()
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        state: State,
+        params: GenerationParams,
+        context: list[int] | None = None,
+    ):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.params = params
+        self.context = context or []  # prompt ids, for the repetition penalty
+        self.row: np.ndarray = engine.rows(state)[0]  # the state after the prompt and what followed
+        self.finished: Finished | None = None
+        self.seed = params.seed if params.seed is not None else new_seed()
         self.generator = make_generator(self.seed)
         # the text so far as pieces (joined once at the end, never re-copied per token), plus
         # its last few characters: all that stop-string matching needs to look at
@@ -86,16 +93,16 @@ class Decoder:
         self._generated: list[int] = []
         self._pending: deque[_Pending] = deque()
         self._ready: list[TokenEvent] = []
-        self._max_stop = max((len(s) for s in self.params.stop), default=0)
-        # states after each of the last few tokens, to rewind to the text before a stop string
-        self._history: deque[tuple[int, State]] = deque(maxlen=self._max_stop + 2)
-        self._history.append((0, self.state))
+        self._max_stop = max((len(s) for s in params.stop), default=0)
+        # rows after each of the last few tokens, to rewind to the text before a stop string
+        self._history: deque[tuple[int, np.ndarray]] = deque(maxlen=self._max_stop + 2)
+        self._history.append((0, self.row))
         self._next: int | None = None
         self._next_event: TokenEvent | None = None
-        if self.params.max_tokens <= 0:
+        if params.max_tokens <= 0:
             self._finish("length", 0)
         else:
-            self._choose(self.engine.logits(self.state)[0])
+            self._choose(self.engine.logits_rows(self.row[None])[0])
 
     def sampling_context(self) -> Iterable[int]:
         """What the repetition penalty looks at: the prompt and everything generated so far."""
@@ -126,26 +133,31 @@ class Decoder:
         assert self._next is not None and self.finished is None, "decoder is finished"
         return self._next
 
-    def advance(self, state: State, logits: torch.Tensor | np.ndarray | None = None) -> None:
-        """Take the state after feeding next_input() and sample the next token; `logits` (V,)
-        may be passed if already computed."""
-        self.accept(state)
+    def advance(self, row: np.ndarray, logits: np.ndarray | None = None) -> None:
+        """Take the state row (S,) after feeding next_input() and sample the next token;
+        `logits` (V,) may be passed if already computed."""
+        self.accept(row)
         if self.finished is None:
-            self._choose(self.engine.logits(state)[0] if logits is None else logits)
+            self._choose(self.engine.logits_rows(row[None])[0] if logits is None else logits)
 
-    def accept(self, state: State) -> None:
-        """Take the state after feeding next_input(), without sampling: unless this finished the
-        sequence, set_next() must follow (choose_batch does that for many decoders at once)."""
+    def accept(self, row: np.ndarray) -> None:
+        """Take the state row (S,) after feeding next_input(), without sampling: unless this
+        finished the sequence, set_next() must follow (choose_batch does that for many at once)."""
         assert self._next is not None and self._next_event is not None
         event = self._next_event
         self._generated.append(self._next)
-        start = self._length
         self._pieces.append(event.text)
+        start = self._length
         self._length += len(event.text)
-        if self._max_stop:
-            self._tail = (self._tail + event.text)[-(self._max_stop + len(event.text)) :]
-        self.state = state
-        self._history.append((len(self._generated), state))
+        self.row = row
+        self._next = None
+        if not self._max_stop:  # nothing can be held back: the token is final
+            self._ready.append(event)
+            if len(self._generated) >= self.params.max_tokens:
+                self._finish("length", self._length)
+            return
+        self._tail = (self._tail + event.text)[-(self._max_stop + len(event.text)) :]
+        self._history.append((len(self._generated), row))
         self._pending.append(_Pending(event, self._length))
         stop_at = self._find_stop(start)
         if stop_at is not None:
@@ -155,7 +167,6 @@ class Decoder:
             self._finish("length", self._length)
             return
         self._release(self._safe_end())
-        self._next = None
 
     def take_events(self) -> list[TokenEvent]:
         """Tokens that can no longer be part of a stop string, in order; each is returned once."""
@@ -191,7 +202,8 @@ class Decoder:
     def _finish(self, reason: str, end: int) -> None:
         self._release(end)
         kept = len(self._generated) - len(self._pending)  # tokens wholly before `end`
-        state = next(s for n, s in reversed(self._history) if n <= kept) if self._history else self.state
+        row = self.row if not self._pending else next(r for n, r in reversed(self._history) if n <= kept)
+        state = self.engine.state_of(row[None])
         completion = kept
         if self._pending:  # a token straddles the stop: keep its text before the stop
             pending_start = self._pending[0].end - len(self._pending[0].event.text)
@@ -205,7 +217,7 @@ class Decoder:
         text = "".join(self._pieces)[:end]
         self._pieces, self._length, self._tail = [text], len(text), ""
         self.finished = Finished(reason, text, completion, state)
-        self.state = state
+        self.row = self.engine.rows(state)[0]
         self._next = None
 
 
@@ -233,8 +245,8 @@ def generate(
     """Decode one sequence from `state`: yields token events, then one Finished."""
     decoder = Decoder(engine, tokenizer, state, params, list(context or []))
     while decoder.finished is None:
-        token = decoder.next_input()
-        decoder.advance(engine.step([token], decoder.state))
+        token = np.array([decoder.next_input()])
+        decoder.advance(engine.step_rows(token, decoder.row[None])[0])
         yield from decoder.take_events()
     yield from decoder.take_events()
     yield decoder.finished

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from flask import Response, current_app, jsonify, request, send_from_directory, stream_with_context, url_for
@@ -33,7 +32,6 @@ from .schemas import (
     ScoreResponse,
     SessionCreated,
     SessionInfo,
-    StreamFinal,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -148,17 +146,6 @@ def fork_session(session_id: str) -> tuple[Response, int]:
 # ---- model ------------------------------------------------------------------------------
 
 
-def _sse(items: Iterator[dict[str, Any] | StreamFinal | ApiError]) -> Iterator[str]:
-    for item in items:
-        if isinstance(item, ApiError):
-            body: dict[str, Any] = {"error": {"code": item.code, "message": item.message, "details": item.details}}
-        elif isinstance(item, StreamFinal):
-            body = item.model_dump(mode="json")
-        else:
-            body = item  # a token, already in GeneratedToken's shape
-        yield f"data: {json.dumps(body)}\n\n"
-
-
 @route(
     "/generate",
     "POST",
@@ -181,7 +168,7 @@ def generate() -> Response | tuple[Response, int]:
         resp = lm.generate(gen)
         return jsonify(resp.model_dump(mode="json", exclude={"tokens"} if resp.tokens is None else set())), 200
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(stream_with_context(_sse(lm.generate_stream(gen))), mimetype="text/event-stream", headers=headers)
+    return Response(stream_with_context(lm.generate_stream(gen)), mimetype="text/event-stream", headers=headers)
 
 
 @route(

@@ -14,7 +14,6 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -47,6 +46,7 @@ from .schemas import (
     Usage,
 )
 from .sessions import CasResult, SessionStore
+from .sse import SSEEncoder
 from .state_codec import SessionState, StateDecodeError, decode_state, encode_state
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class LMService:
         self.engine = engine
         self.scheduler = BatchScheduler(engine, max_batch) if batching else None
         self._columns = state_size(lm.config)
+        self.sse = SSEEncoder(lm.tokenizer.vocab_size, lm.tokenizer.token_text, self.label)
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -192,7 +193,7 @@ class LMService:
         decoder = Decoder(self.engine, self.tokenizer, state, params, enc.ids)
         return _Generation(ctx, len(enc.ids), enc.unknown_chars, decoder, time.monotonic())
 
-    def _token_events(self, gen: _Generation) -> Iterator[TokenEvent]:
+    def _token_events(self, gen: _Generation) -> Iterator[list[TokenEvent]]:
         if self.scheduler is not None:
             return self.scheduler.run(gen.decoder)
         return run_inline(self.engine, gen.decoder)
@@ -217,18 +218,10 @@ class LMService:
             text=done.text,
         )
 
-    def event_dict(self, event: TokenEvent) -> dict[str, Any]:
-        """A generated token as the GeneratedToken schema describes it. A plain dict on purpose:
-        this runs once per streamed token, where building a pydantic model per token showed up."""
-        out: dict[str, Any] = {"token": event.text, "id": event.id}
-        if event.logprob is not None:
-            out["logprob"] = event.logprob
-        if event.top is not None:
-            out["top_logprobs"] = [{"token": self.label(i), "id": i, "logprob": lp} for i, lp in event.top]
-        return out
-
     def generate(self, gen: _Generation) -> GenerateResponse:
-        events = [GeneratedToken.model_validate(self.event_dict(e)) for e in self._token_events(gen)]
+        events = [
+            GeneratedToken.model_validate(self.sse.event_dict(e)) for chunk in self._token_events(gen) for e in chunk
+        ]
         final = self._finish(gen)
         return GenerateResponse(
             **final.model_dump(exclude={"text"}),
@@ -236,21 +229,22 @@ class LMService:
             tokens=events if gen.decoder.params.logprobs else None,
         )
 
-    def generate_stream(self, gen: _Generation) -> Iterator[dict[str, Any] | StreamFinal | ApiError]:
-        """Token events, then the final summary (or an ApiError if saving the session failed).
-        If the consumer stops early (client gone), generation stops and nothing is saved."""
+    def generate_stream(self, gen: _Generation) -> Iterator[bytes]:
+        """Server-Sent Events: token events as they come, then the final summary (or an error if
+        saving the session failed). If the consumer stops early (client gone), generation stops
+        and nothing is saved."""
         events = self._token_events(gen)
         try:
-            for event in events:
-                yield self.event_dict(event)
+            for chunk in events:
+                yield self.sse.tokens(chunk)
         finally:
             close = getattr(events, "close", None)
             if close is not None:
                 close()
         try:
-            yield self._finish(gen)
+            yield self.sse.final(self._finish(gen))
         except ApiError as exc:
-            yield exc
+            yield self.sse.final(exc)
 
     # ---- distributions and scores -------------------------------------------------------
 

@@ -19,7 +19,9 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from model.engine import Engine, stack_states
+import numpy as np
+
+from model.engine import Engine
 from model.generation import Decoder, TokenEvent, choose_batch
 
 log = logging.getLogger(__name__)
@@ -34,12 +36,13 @@ class _Job:
     cancelled: bool = False
 
 
-def run_inline(engine: Engine, decoder: Decoder) -> Iterator[TokenEvent]:
-    """Decode one sequence in the calling thread (BATCHING=false)."""
+def run_inline(engine: Engine, decoder: Decoder) -> Iterator[list[TokenEvent]]:
+    """Decode one sequence in the calling thread (BATCHING=false); yields each step's events."""
     while decoder.finished is None:
-        decoder.advance(engine.step([decoder.next_input()], decoder.state))
-        yield from decoder.take_events()
-    yield from decoder.take_events()
+        token = np.array([decoder.next_input()])
+        decoder.advance(engine.step_rows(token, decoder.row[None])[0])
+        yield decoder.take_events()
+    yield decoder.take_events()
 
 
 class BatchScheduler:
@@ -54,11 +57,15 @@ class BatchScheduler:
         self._thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
         self._thread.start()
 
-    def run(self, decoder: Decoder) -> Iterator[TokenEvent]:
-        """Token events of `decoder` as the scheduler produces them. Closing the iterator early
-        (the client went away) removes the sequence at the next tick."""
+    def run(self, decoder: Decoder) -> Iterator[list[TokenEvent]]:
+        """Token events of `decoder` as the scheduler produces them, in lists of whatever has
+        arrived since the caller last asked (usually one token; more when the caller is slower
+        than the ticks, so a slow consumer writes fewer, larger chunks). Closing the iterator
+        early (the client went away) removes the sequence at the next tick."""
         job = _Job(decoder)
-        yield from decoder.take_events()
+        first = decoder.take_events()
+        if first:
+            yield first
         if decoder.finished is not None:
             return
         with self._cond:
@@ -67,14 +74,24 @@ class BatchScheduler:
             self._waiting.append(job)
             self._cond.notify()
         try:
-            while True:
-                item = job.events.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, TokenEvent)
-                yield item
+            done = False
+            while not done:
+                items = [job.events.get()]
+                while True:  # drain what else is there without waiting
+                    try:
+                        items.append(job.events.get_nowait())
+                    except queue.Empty:
+                        break
+                chunk: list[TokenEvent] = []
+                for item in items:
+                    if item is _DONE:
+                        done = True
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        chunk.extend(item)  # type: ignore[arg-type]
+                if chunk:
+                    yield chunk
         finally:
             job.cancelled = True
 
@@ -86,6 +103,7 @@ class BatchScheduler:
 
     def _loop(self) -> None:
         active: list[_Job] = []
+        rows: np.ndarray | None = None  # state rows of `active`, in order, when still current
         while True:
             with self._cond:
                 while not active and not self._waiting and not self._stopped:
@@ -95,43 +113,52 @@ class BatchScheduler:
                         job.events.put(RuntimeError("the batch scheduler has stopped"))
                     return
                 room = self.max_batch - len(active)
-                active.extend(self._waiting[:room])
-                del self._waiting[:room]
-            active = [job for job in active if not job.cancelled]
+                if self._waiting and room > 0:
+                    active.extend(self._waiting[:room])
+                    del self._waiting[:room]
+                    rows = None
+            if any(job.cancelled for job in active):
+                active = [job for job in active if not job.cancelled]
+                rows = None
             if not active:
                 continue
             try:
-                active = self._tick(active)
+                active, rows = self._tick(active, rows)
             except Exception as exc:  # a failed tick fails its requests, never the scheduler
                 log.exception("batch step failed")
                 for job in active:
                     job.events.put(exc)
-                active = []
+                active, rows = [], None
 
-    def _tick(self, active: list[_Job]) -> list[_Job]:
+    def _tick(self, active: list[_Job], rows: np.ndarray | None) -> tuple[list[_Job], np.ndarray | None]:
+        """One step of every active sequence; returns those still going and their new rows
+        (None when the membership changed and the rows must be gathered again)."""
         engine = self.engine
-        ids = [job.decoder.next_input() for job in active]
-        state = engine.step(ids, stack_states([job.decoder.state for job in active]))
-        logits = engine.logits(state)
+        if rows is None:
+            rows = np.stack([job.decoder.row for job in active])
+        ids = np.fromiter((job.decoder.next_input() for job in active), dtype=np.int64, count=len(active))
+        rows = engine.step_rows(ids, rows)
+        logits = engine.logits_rows(rows)
         self.ticks += 1
         self.batch_sizes_total += len(active)
         still: list[_Job] = []
-        rows: list[int] = []
-        for row, job in enumerate(active):
+        keep: list[int] = []
+        for index, job in enumerate(active):
             decoder = job.decoder
             try:
-                decoder.accept(tuple((h[row : row + 1], c[row : row + 1]) for h, c in state))
+                decoder.accept(rows[index])  # a view: free
             except Exception as exc:
                 job.events.put(exc)
                 continue
-            for event in decoder.take_events():
-                job.events.put(event)
+            events = decoder.take_events()
+            if events:
+                job.events.put(events)
             if decoder.finished is None:
                 still.append(job)
-                rows.append(row)
+                keep.append(index)
             else:
                 job.events.put(_DONE)
         if still:
             # every continuing sequence samples its next token in one vectorised pass
-            choose_batch([job.decoder for job in still], logits.numpy()[rows])
-        return still
+            choose_batch([job.decoder for job in still], logits[keep] if len(keep) < len(active) else logits)
+        return still, (rows if len(still) == len(active) else None)
