@@ -18,6 +18,8 @@ from torch import Tensor
 from .tokenizer import BOS_ID, UNK_ID
 
 NEVER_EMITTED = (BOS_ID, UNK_ID)  # generation never produces start-of-text or <unk>
+_NEVER = slice(min(NEVER_EMITTED), max(NEVER_EMITTED) + 1)  # ids 0 and 1: a slice, cheaper than a list
+assert len(range(_NEVER.start, _NEVER.stop)) == len(NEVER_EMITTED)
 
 
 @dataclass(frozen=True)
@@ -61,19 +63,25 @@ def apply_repetition_penalty(logits: np.ndarray, context: Iterable[int], penalty
 def filtered_probs(logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams]) -> np.ndarray:
     """Logits (V,) or (B, V) -> the probabilities actually sampled from (temperature, top-k, top-p).
 
-    Rows are independent; a row gives the same numbers alone or inside a batch."""
+    Rows are independent; a row gives the same numbers alone or inside a batch. Filters nobody
+    asked for cost nothing: at batch 1 each numpy call costs more than its arithmetic."""
     rows = [params] if isinstance(params, SamplingParams) else list(params)
-    x = np.atleast_2d(np.asarray(logits, dtype=np.float64))
-    x = x / np.array([p.temperature for p in rows])[:, None]
+    x = np.array(logits, dtype=np.float64, ndmin=2)  # a copy: modified in place below
+    temperatures = {p.temperature for p in rows}
+    if len(temperatures) == 1:
+        x /= temperatures.pop()
+    else:
+        x /= np.array([p.temperature for p in rows])[:, None]
     vocab = x.shape[1]
-    ks = np.array([p.top_k if 0 < p.top_k < vocab else vocab for p in rows])
-    if (ks < vocab).any():
+    if any(0 < p.top_k < vocab for p in rows):
+        ks = np.array([p.top_k if 0 < p.top_k < vocab else vocab for p in rows])
         kth = -np.sort(-x, axis=1)[np.arange(len(rows)), ks - 1]
-        x = np.where(x < kth[:, None], -np.inf, x)
-    probs = np.exp(x - x.max(axis=1, keepdims=True))
+        x[x < kth[:, None]] = -np.inf
+    x -= x.max(axis=1, keepdims=True)
+    probs = np.exp(x, out=x)
     probs /= probs.sum(axis=1, keepdims=True)
-    top_p = np.array([p.top_p for p in rows])
-    if (top_p < 1.0).any():
+    if any(p.top_p < 1.0 for p in rows):
+        top_p = np.array([p.top_p for p in rows])
         order = np.argsort(-probs, axis=1, kind="stable")
         ranked = np.take_along_axis(probs, order, axis=1)
         # keep the smallest prefix whose mass reaches top_p (the first token always survives)
@@ -93,25 +101,27 @@ def sample_rows(
     numpy rather than torch: for rows of a few hundred logits, torch's per-op dispatch costs
     several times the arithmetic, and one vectorised pass serves a whole scheduler tick."""
     raw = logits.detach().numpy() if isinstance(logits, Tensor) else logits
-    x = np.array(np.atleast_2d(raw), dtype=np.float64)
-    x[:, list(NEVER_EMITTED)] = -np.inf
-    for row, p in enumerate(params):
-        if p.repetition_penalty != 1.0 and contexts is not None:
-            apply_repetition_penalty(x[row], contexts[row], p.repetition_penalty)
-    out = np.argmax(x, axis=1)  # greedy rows are done
+    x = np.array(raw, dtype=np.float64, ndmin=2)
+    x[:, _NEVER] = -np.inf
+    if contexts is not None:
+        for row, p in enumerate(params):
+            if p.repetition_penalty != 1.0:
+                apply_repetition_penalty(x[row], contexts[row], p.repetition_penalty)
+    out: list[int] = x.argmax(axis=1).tolist()  # greedy rows are done
     sampled = [row for row, p in enumerate(params) if p.temperature != 0.0]
     if sampled:
-        probs = filtered_probs(x[sampled], [params[r] for r in sampled])
+        probs = filtered_probs(x if len(sampled) == len(params) else x[sampled], [params[r] for r in sampled])
         # one uniform draw per sampled token, always, from that row's own generator
         u = np.array([float(torch.rand(1, generator=generators[r], dtype=torch.float64)) for r in sampled])
         cdf = np.cumsum(probs, axis=1)
-        index = np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), probs.shape[1] - 1)
+        u *= cdf[:, -1]
+        index = np.minimum((cdf <= u[:, None]).sum(axis=1), probs.shape[1] - 1).tolist()
         for i, row in enumerate(sampled):
-            k = int(index[i])
+            k = index[i]
             while probs[i, k] == 0:  # guard against landing on a zero-width bin from rounding
                 k -= 1
             out[row] = k
-    return [int(t) for t in out]
+    return out
 
 
 def sample_token(
