@@ -22,7 +22,7 @@ import torch
 
 from .engine import Engine
 from .lstm import State
-from .sampling import SamplingParams, make_generator, new_seed, sample_rows, sample_token
+from .sampling import SamplingParams, UniformStream, make_generator, new_seed, sample_rows
 from .tokenizer import Tokenizer
 
 
@@ -84,7 +84,7 @@ class Decoder:
         self.row: np.ndarray = engine.rows(state)[0]  # the state after the prompt and what followed
         self.finished: Finished | None = None
         self.seed = params.seed if params.seed is not None else new_seed()
-        self.generator = make_generator(self.seed)
+        self._uniforms = UniformStream(make_generator(self.seed))
         # the text so far as pieces (joined once at the end, never re-copied per token), plus
         # its last few characters: all that stop-string matching needs to look at
         self._pieces: list[str] = []
@@ -125,8 +125,12 @@ class Decoder:
 
     def _choose(self, logits: torch.Tensor | np.ndarray) -> None:
         """Sample the next token from the distribution after the current state."""
-        token = sample_token(logits, self.params.sampling, self.generator, self.sampling_context())
+        token = sample_rows(logits[None], [self.params.sampling], [self.draw()], [self.sampling_context()])[0]
         self.set_next(token, logits)
+
+    def draw(self) -> float:
+        """This sequence's next uniform draw; greedy sequences draw nothing."""
+        return 0.0 if self.params.sampling.temperature == 0.0 else self._uniforms.draw()
 
     def next_input(self) -> int:
         """The token to feed this step (the one just sampled)."""
@@ -228,7 +232,7 @@ def choose_batch(decoders: list[Decoder], logits: torch.Tensor | np.ndarray) -> 
     tokens = sample_rows(
         raw,
         [d.params.sampling for d in decoders],
-        [d.generator for d in decoders],
+        [d.draw() for d in decoders],
         [d.sampling_context() for d in decoders],
     )
     for row, (decoder, token) in enumerate(zip(decoders, tokens)):

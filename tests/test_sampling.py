@@ -93,6 +93,22 @@ def test_batch_sampling_equals_one_by_one() -> None:
     ]
     contexts = [[], [], [], [], [3, 4, 5, 6], []]
     for seed in range(20):
-        batch = sample_rows(logits, params, [make_generator(seed + r) for r in range(6)], contexts)
+        # each row's one draw, as sample_token takes it from that row's generator (greedy rows take none)
+        draws = [
+            0.0 if p.temperature == 0 else float(torch.rand(1, generator=make_generator(seed + r), dtype=torch.float64))
+            for r, p in enumerate(params)
+        ]
+        batch = sample_rows(logits, params, draws, contexts)
         single = [sample_token(logits[r], params[r], make_generator(seed + r), contexts[r]) for r in range(6)]
         assert batch == single
+
+
+def test_uniform_stream_is_the_generators_sequence() -> None:
+    from model.sampling import UniformStream
+
+    stream = UniformStream(make_generator(3), block=4)
+    drawn = [stream.draw() for _ in range(10)]  # crosses two block refills
+    reference = make_generator(3)
+    expected = [x for _ in range(3) for x in torch.rand(4, generator=reference, dtype=torch.float64).tolist()]
+    assert drawn == expected[:10]
+    assert all(0.0 <= u < 1.0 for u in drawn)
