@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model import LanguageModel, load
-from model.engine import Engine
+from model.engine import Engine, greedy_steps
 from model.lstm import lstm_weights
 from model.quantize import quantize_int8
 
@@ -36,24 +36,16 @@ def naive_loop(lm: LanguageModel, n: int) -> None:
 def batched_rate(engine: Engine, batch: int, steps: int) -> float:
     """Aggregate tokens/s of stepping `batch` independent sequences together (the scheduler's tick,
     without sampling)."""
-    start = engine.start_state(batch)
-    ids = np.full(batch, 2)
+    start = engine.rows(engine.start_state(batch))
+    ids = np.full(batch, 2, dtype=np.int64)
 
     def go() -> None:
-        state = start
+        rows = start
         for _ in range(steps):
-            state = engine.step(ids, state)
-            engine.logits(state)
+            rows = engine.step_rows(ids, rows)
+            engine.logits_rows(rows)
 
     return batch * steps / median_time(go, 3)
-
-
-def engine_loop(engine: Engine, n: int) -> None:
-    state = engine.start_state()
-    token = 2
-    for _ in range(n):
-        state = engine.step([token], state)
-        token = int(engine.logits(state)[0].argmax())
 
 
 class TorchFused:
@@ -120,14 +112,14 @@ def run(checkpoint: Path, tokens: int, threads: int, int8: bool = True) -> dict[
         with torch.backends.mkldnn.flags(enabled=False):
             rates["naive, oneDNN off"] = naive_n / median_time(lambda: naive_loop(lm, naive_n), 3)
     rates["fused step in torch (addmm)"] = tokens / median_time(lambda: fused_torch.run(tokens), 3)
-    rates["engine (fused numpy step)"] = tokens / median_time(lambda: engine_loop(engine, tokens), 3)
+    rates["engine (fused numpy step)"] = tokens / median_time(lambda: greedy_steps(engine, tokens), 3)
     batches = {b: batched_rate(engine, b, max(20, tokens // (4 * b))) for b in (1, 8, 32, 64)}
     set_threads(1)  # what one service worker gets (BLAS_THREADS=1, one worker per core)
-    rates["engine, 1 thread (one service worker)"] = tokens / median_time(lambda: engine_loop(engine, tokens), 3)
+    rates["engine, 1 thread (one service worker)"] = tokens / median_time(lambda: greedy_steps(engine, tokens), 3)
     set_threads(threads)
     if int8:
         q_engine = Engine(quantize_int8(lm).model)
-        rates["int8 (quantized modules per token)"] = naive_n / median_time(lambda: engine_loop(q_engine, naive_n), 3)
+        rates["int8 (quantized modules per token)"] = naive_n / median_time(lambda: greedy_steps(q_engine, naive_n), 3)
     per_token = weight_bytes_per_token(lm)
     bandwidth = gemv_bandwidth(per_token)
     bound = bandwidth / per_token

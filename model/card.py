@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import LanguageModel
 from .data import read_texts, split_documents
-from .engine import Engine
+from .engine import Engine, greedy_steps
 from .generation import Finished, GenerationParams, generate
 from .quantize import quantize_int8
 from .sampling import SamplingParams
@@ -38,12 +38,8 @@ def train_command(training: dict[str, Any]) -> str:
 
 
 def _decode_rate(engine: Engine, tokens: int) -> float:
-    state = engine.start_state()
-    token = 2
     start = time.perf_counter()
-    for _ in range(tokens):
-        state = engine.step([token], state)
-        token = int(engine.logits(state)[0].argmax())
+    greedy_steps(engine, tokens)
     return tokens / (time.perf_counter() - start)
 
 

@@ -124,3 +124,16 @@ def split_state(state: State) -> list[State]:
     """The inverse of stack_states: one state per row."""
     batch = state[0][0].size(0)
     return [tuple((h[b : b + 1].clone(), c[b : b + 1].clone()) for h, c in state) for b in range(batch)]
+
+
+def greedy_steps(engine: Engine, n: int, first: int = 2) -> list[int]:
+    """n steps of greedy decoding from <s> on the engine's state rows, as the service's scheduler
+    runs them at batch 1 (what the model card and bench/decode.py time)."""
+    rows = engine.rows(engine.start_state())
+    token = np.array([first])
+    out = []
+    for _ in range(n):
+        rows = engine.step_rows(token, rows)
+        token = engine.logits_rows(rows).argmax(axis=1)
+        out.append(int(token[0]))
+    return out

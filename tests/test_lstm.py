@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.engine import SHORT_PREFILL, Engine, split_state, stack_states
+from model import BOS_ID
+from model.engine import SHORT_PREFILL, Engine, greedy_steps, split_state, stack_states
 from model.lstm import LSTMLanguageModel, ModelConfig, flatten_state, state_size, unflatten_state
 
 
@@ -142,3 +143,15 @@ def test_engine_score_matches_token_by_token() -> None:
         st = engine.step([i], st)
     assert torch.allclose(scores, torch.tensor(expected), atol=1e-5)
     assert (engine.log_probs(after) - engine.log_probs(st)).abs().max() <= 1e-4
+
+
+def test_greedy_steps_follow_nn_lstm_argmax() -> None:
+    model = make_model()
+    engine = Engine(model)
+    tokens = greedy_steps(engine, 12, first=5)
+    ids = [BOS_ID, 5]
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = model(torch.tensor([ids]), None)
+            ids.append(int(logits[0, -1].argmax()))
+    assert tokens == ids[2:]
