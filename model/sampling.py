@@ -86,17 +86,20 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams | Sequence[Samplin
     asked for cost nothing: at batch 1 each numpy call costs more than its arithmetic."""
     rows = [params] if isinstance(params, SamplingParams) else list(params)
     x = np.array(logits, dtype=np.float64, ndmin=2)  # a copy: modified in place below
+    # shift before dividing: the best logit becomes 0 and stays 0 at any temperature, so a tiny
+    # one (even a denormal) overflows the others harmlessly to -inf instead of making inf - inf
+    x -= x.max(axis=1, keepdims=True)
     temperatures = {p.temperature for p in rows}
-    if len(temperatures) == 1:
-        x /= temperatures.pop()
-    else:
-        x /= np.array([p.temperature for p in rows])[:, None]
+    with np.errstate(over="ignore"):
+        if len(temperatures) == 1:
+            x /= temperatures.pop()
+        else:
+            x /= np.array([p.temperature for p in rows])[:, None]
     vocab = x.shape[1]
     if any(0 < p.top_k < vocab for p in rows):
         ks = np.array([p.top_k if 0 < p.top_k < vocab else vocab for p in rows])
         kth = -np.sort(-x, axis=1)[np.arange(len(rows)), ks - 1]
         x[x < kth[:, None]] = -np.inf
-    x -= x.max(axis=1, keepdims=True)
     probs = np.exp(x, out=x)
     probs /= probs.sum(axis=1, keepdims=True)
     if any(p.top_p < 1.0 for p in rows):

@@ -112,3 +112,12 @@ def test_uniform_stream_is_the_generators_sequence() -> None:
     expected = [x for _ in range(3) for x in torch.rand(4, generator=reference, dtype=torch.float64).tolist()]
     assert drawn == expected[:10]
     assert all(0.0 <= u < 1.0 for u in drawn)
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e-30, 1e-300, 5e-324])
+def test_tiny_temperatures_are_greedy_not_nan(temperature: float) -> None:
+    probs = filtered_probs(LOGITS.numpy().astype(np.float64), SamplingParams(temperature=temperature))
+    assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
+    gen = make_generator(0)
+    # ids 0 and 1 tie with 3 at the top of LOGITS but are never emitted; 3 is the best allowed
+    assert {sample_token(LOGITS, SamplingParams(temperature=temperature), gen) for _ in range(20)} == {3}
