@@ -113,19 +113,6 @@ class Engine:
         return torch.log_softmax(self.logits(state), dim=-1)
 
 
-def stack_states(states: list[State]) -> State:
-    """Batch single-sequence states along B."""
-    return tuple(
-        (torch.cat([s[i][0] for s in states]), torch.cat([s[i][1] for s in states])) for i in range(len(states[0]))
-    )
-
-
-def split_state(state: State) -> list[State]:
-    """The inverse of stack_states: one state per row."""
-    batch = state[0][0].size(0)
-    return [tuple((h[b : b + 1].clone(), c[b : b + 1].clone()) for h, c in state) for b in range(batch)]
-
-
 def greedy_steps(engine: Engine, n: int, first: int = 2) -> list[int]:
     """n steps of greedy decoding from <s> on the engine's state rows, as the service's scheduler
     runs them at batch 1 (what the model card and bench/decode.py time)."""

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from model import BOS_ID
-from model.engine import SHORT_PREFILL, Engine, greedy_steps, split_state, stack_states
+from model.engine import SHORT_PREFILL, Engine, greedy_steps
 from model.lstm import LSTMLanguageModel, ModelConfig, flatten_state, state_size, unflatten_state
 
 
@@ -119,15 +120,18 @@ def test_engine_prefill_matches_steps(n: int) -> None:
     assert (engine.log_probs(a) - engine.log_probs(c)).abs().max().item() <= 1e-4
 
 
-def test_stack_and_split_states() -> None:
+def test_rows_stepped_together_equal_each_alone() -> None:
     engine = Engine(make_model())
-    s1 = engine.prefill([5, 6, 7], engine.start_state())
-    s2 = engine.prefill([9], engine.start_state())
-    batched = engine.step([3, 4], stack_states([s1, s2]))
-    one, two = split_state(batched)
-    alone = engine.step([4], s2)
-    assert (engine.logits(two) - engine.logits(alone)).abs().max().item() <= 1e-5
-    assert one[0][0].shape == (1, 20)
+    r1 = engine.rows(engine.prefill([5, 6, 7], engine.start_state()))
+    r2 = engine.rows(engine.prefill([9], engine.start_state()))
+    before = np.concatenate([r1, r2])
+    kept = before.copy()
+    batched = engine.step_rows(np.array([3, 4]), before)
+    alone = engine.step_rows(np.array([4]), r2)
+    assert np.abs(engine.logits_rows(batched[1:]) - engine.logits_rows(alone)).max() <= 1e-5
+    assert batched.shape == (2, state_size(engine.config))
+    assert np.array_equal(before, kept)  # the input rows are not modified
+    assert np.array_equal(engine.rows(engine.state_of(batched)), batched)
 
 
 def test_engine_score_matches_token_by_token() -> None:
