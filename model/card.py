@@ -61,8 +61,12 @@ def _sample(lm: LanguageModel, prompt: str, tokens: int, seed: int) -> str:
     raise AssertionError("generation did not finish")
 
 
+NOTES_FILE = "NOTES.md"
+
+
 def write_card(lm: LanguageModel, *, prompt: str = "ROMEO:\n", sample_tokens: int = 500, seed: int = 1) -> Path:
-    """Evaluate, sample and write README.md into the checkpoint directory."""
+    """Evaluate, sample and write README.md into the checkpoint directory (with NOTES.md, if the
+    directory has one, appended as its last section)."""
     assert lm.path is not None
     meta = lm.meta
     training = meta.get("training", {})
@@ -121,6 +125,9 @@ measured while writing this card). Reproduce: `lstm-lm card {lm.path}` (rewrites
 {sample}
 ```
 """
+    notes = lm.path / NOTES_FILE
+    if notes.is_file():  # what a human adds (how the run went, what was tried) survives a rewrite
+        card += "\n## Notes\n\n" + notes.read_text(encoding="utf-8").strip() + "\n"
     path = lm.path / "README.md"
     path.write_text(card, encoding="utf-8")
     return path

@@ -263,7 +263,8 @@ def _add_card(sub: argparse._SubParsersAction) -> None:
         "card",
         help="write a checkpoint's model card (README.md)",
         description="Evaluate the checkpoint (float32 and int8) on its validation split, time decoding, draw a "
-        "seeded sample, and write README.md next to the weights. Run from the directory training ran in.",
+        "seeded sample, and write README.md next to the weights; a NOTES.md in the checkpoint directory is "
+        "appended as its last section. Run from the directory training ran in.",
     )
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument(

@@ -76,6 +76,10 @@ def test_train_eval_sample_round_trip(tiny_corpus: Path, tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr
     card = (out / "README.md").read_text()
     assert "bits/char" in card and "training_curve.png" in card and "lstm-lm train" in card and "int8" in card
+    assert "## Notes" not in card
+    (out / "NOTES.md").write_text("Tried a wider layer first.\n")
+    assert cli("card", str(out)).returncode == 0
+    assert (out / "README.md").read_text().endswith("## Notes\n\nTried a wider layer first.\n")
 
     r = cli("train", "--out", str(out), "--resume", "--max-steps", "14", "--no-progress")
     assert r.returncode == 0, r.stderr
