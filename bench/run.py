@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from . import decode, prefill, service
-from .common import DEFAULT_CHECKPOINT, RESULTS, environment, save
+from .common import DEFAULT_CHECKPOINT, RESULTS, ROOT, environment, save
 
 
 def main() -> None:
@@ -22,6 +22,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="gunicorn workers for the service benchmark (one per core)")
     p.add_argument("--seconds", type=float, default=20, help="measurement window per client count")
     p.add_argument("--quick", action="store_true", help="short windows and fewer tokens (a smoke run)")
+    p.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also replace the README's Performance tables (between its bench markers) with this run's",
+    )
     args = p.parse_args()
     seconds = 4 if args.quick else args.seconds
     d = decode.run(args.checkpoint, 300 if args.quick else 2000, args.threads)
@@ -43,6 +48,22 @@ def main() -> None:
     )
     (RESULTS / "summary.md").write_text(summary + "\n")
     print(summary)
+    if args.update_readme:
+        update_readme(ROOT / "README.md", summary)
+
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def update_readme(readme: Path, summary: str) -> None:
+    """Put `summary` (its title demoted below the README's Performance heading) between the markers."""
+    text = readme.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme} has no {START} ... {END} markers to replace")
+    body = summary.replace("\n## ", "\n### ").replace("# Benchmarks: ", "Model: ", 1)
+    before, rest = text.split(START, 1)
+    after = rest.split(END, 1)[1]
+    readme.write_text(f"{before}{START}\n{body}\n{END}{after}", encoding="utf-8")
 
 
 if __name__ == "__main__":

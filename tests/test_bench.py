@@ -26,3 +26,14 @@ def test_prefill_benchmark_runs(char_lm_dir: Path) -> None:
     result = prefill.run(char_lm_dir, threads=1, lengths=(20,))
     assert result["prefill"][0]["tokens"] == 20
     assert "ratio" in prefill.report(result)
+
+
+def test_readme_tables_are_replaced_between_markers(tmp_path: Path) -> None:
+    from bench.run import END, START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n## Performance\n\n{START}\nold\n{END}\n\n## Next\n")
+    update_readme(readme, "# Benchmarks: m\n\nintro\n\n## Decode\n\n| a |")
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{END}\n\n## Next\n")
+    assert f"{START}\nModel: m\n\nintro\n\n### Decode\n\n| a |\n{END}" in text
