@@ -281,6 +281,33 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_average(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "average",
+        help="average snapshots of one run into a checkpoint (SWA)",
+        description="Average the weights of several snapshots of one training run (resume files "
+        "<out>/resume/tensors-<step>.safetensors copied during training, or checkpoint directories), score the "
+        "mean on the run's validation split, and write it as a checkpoint. Run from the directory training ran in.",
+    )
+    p.add_argument("checkpoint", help="the run's checkpoint directory (config, tokenizer and training record)")
+    p.add_argument("snapshots", nargs="+", type=Path, help="snapshot files or checkpoint directories to average")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.set_defaults(func=cmd_average)
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from .average import average_checkpoint
+
+    result, fingerprint = average_checkpoint(_load(args.checkpoint, args.threads), args.snapshots, args.out)
+    print(
+        json.dumps(
+            {"out": str(args.out), "fingerprint": fingerprint, "averaged": len(args.snapshots), **result.to_dict()}
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstm-lm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -288,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_sample(sub)
     _add_card(sub)
+    _add_average(sub)
     return parser
 
 

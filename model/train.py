@@ -24,6 +24,7 @@ from .tokenizer import BOS_ID, CharTokenizer, SentencePieceTokenizer, Tokenizer,
 
 RESUME_DIR = "resume"
 CURVE_FILE = "training_curve.png"
+HISTORY_FILE = "history.json"
 
 
 @dataclass
@@ -295,4 +296,4 @@ def _evals_since_best(history: list[dict[str, Any]]) -> int:
 
 
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
-    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
+    (out / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")

@@ -19,7 +19,7 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
     return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "sample", "card"])
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "card", "average"])
 def test_help_explains_every_flag(command: str) -> None:
     out = cli(command, "--help")
     assert out.returncode == 0 and "usage: lstm-lm " + command in out.stdout
