@@ -36,14 +36,14 @@ def naive_loop(lm: LanguageModel, n: int) -> None:
 def batched_rate(engine: Engine, batch: int, steps: int) -> float:
     """Aggregate tokens/s of stepping `batch` independent sequences together (the scheduler's tick,
     without sampling)."""
-    start = engine.rows(engine.start_state(batch))
+    start = engine.start(batch)
     ids = np.full(batch, 2, dtype=np.int64)
 
     def go() -> None:
         rows = start
         for _ in range(steps):
-            rows = engine.step_rows(ids, rows)
-            engine.logits_rows(rows)
+            rows = engine.step(ids, rows)
+            engine.logits(rows)
 
     return batch * steps / median_time(go, 3)
 

@@ -28,10 +28,10 @@ def run(checkpoint: Path, threads: int, lengths: tuple[int, ...] = (100, 1000, 1
     rows = []
 
     def whole_sequence(ids: list[int]) -> None:
-        engine.prefill(ids, engine.start_state())
+        engine.prefill(ids, engine.start())
 
     def token_loop(ids: list[int]) -> None:
-        state = engine.start_state()
+        state = None  # the naive loop's own state format (nn.LSTM tuples)
         with torch.no_grad():
             for t in ids:
                 _, state = lm.model(torch.tensor([[t]]), state)

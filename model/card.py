@@ -4,7 +4,6 @@ plus fresh measurements (validation fp32 and int8, decode speed fp32 and int8, a
 from __future__ import annotations
 
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from .checkpoint import LanguageModel
 from .data import read_texts, split_documents
 from .engine import Engine, greedy_steps
 from .generation import Finished, GenerationParams, generate
+from .options import command_flags
 from .quantize import quantize_int8
 from .sampling import SamplingParams
 from .train import CURVE_FILE, TrainConfig, evaluate_documents
@@ -21,20 +21,8 @@ from .train import CURVE_FILE, TrainConfig, evaluate_documents
 
 def train_command(training: dict[str, Any]) -> str:
     """The `lstm-lm train` command line that reproduces a run (non-default flags only)."""
-    defaults = TrainConfig(data=[], out_dir="")
     parts = ["lstm-lm train", *training.get("data", []), "--out", str(training.get("out_dir", "OUT"))]
-    for f in fields(TrainConfig):
-        if f.name in ("data", "out_dir") or f.name not in training:
-            continue
-        value, default = training[f.name], getattr(defaults, f.name)
-        if value == default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag)
-        else:
-            parts += [flag, str(value)]
-    return " ".join(parts)
+    return " ".join(parts + command_flags(training, TrainConfig))
 
 
 def _decode_rate(engine: Engine, tokens: int) -> float:
@@ -44,16 +32,16 @@ def _decode_rate(engine: Engine, tokens: int) -> float:
 
 
 def _prefill_rate(engine: Engine, ids: list[int]) -> float:
-    engine.prefill(ids[:100], engine.start_state())  # warm-up
+    engine.prefill(ids[:100], engine.start())  # warm-up
     start = time.perf_counter()
-    engine.prefill(ids, engine.start_state())
+    engine.prefill(ids, engine.start())
     return len(ids) / (time.perf_counter() - start)
 
 
 def _sample(lm: LanguageModel, prompt: str, tokens: int, seed: int) -> str:
     engine = Engine(lm.model)
     ids = lm.tokenizer.encode(prompt)
-    state = engine.prefill(ids, engine.start_state())
+    state = engine.prefill(ids, engine.start())
     params = GenerationParams(max_tokens=tokens, sampling=SamplingParams(temperature=0.8), seed=seed)
     for item in generate(engine, lm.tokenizer, state, params, ids):
         if isinstance(item, Finished):

@@ -6,148 +6,77 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, LanguageModel, load
 from .data import CorpusError, read_texts, split_documents
 from .engine import Engine
 from .generation import Finished, GenerationParams, generate
-from .lstm import State
+from .options import add_options, flag, given
 from .sampling import SamplingParams, new_seed
 from .tokenizer import TokenizerError
-from .train import RESUME_DIR, TrainConfig, evaluate_documents, train
+from .train import PRESETS, RESUMABLE_CHANGES, RESUME_DIR, TRAIN_CONFIG_FILE, TrainConfig, evaluate_documents, train
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    presets = "; ".join(f"{name}: {preset.about}" for name, preset in PRESETS.items())
     p = sub.add_parser(
         "train",
         help="train a model on UTF-8 text files",
         description="Train a character or SentencePiece LSTM language model. The checkpoint with the "
         "best validation loss is written to --out, with training_curve.png and history.json; "
-        "resumable state goes to --out/resume.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "resumable state goes to --out/resume. However the run stops (--max-steps, --max-minutes, early "
+        "stopping, Ctrl-C or SIGTERM) it evaluates once more and leaves a loadable checkpoint of the best "
+        f"weights. Presets (times on 2 CPU cores): {presets}.",
     )
-    d = TrainConfig(data=[], out_dir="")
     p.add_argument("data", nargs="*", help="UTF-8 training files (each one a document); not needed with --resume")
     p.add_argument("--out", required=True, help="checkpoint directory to write (or resume from)")
-    p.add_argument("--resume", action="store_true", help="continue exactly where the run in --out stopped")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this much wall time")
-    p.add_argument("--name", default=None, help="model name recorded in config.json (default: --out's folder name)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", choices=["char", "sentencepiece"], default=d.tokenizer, help="token unit")
-    g.add_argument("--sp-vocab-size", type=int, default=d.sp_vocab_size, help="SentencePiece vocabulary size")
-    g.add_argument(
-        "--sp-model-type", choices=["unigram", "bpe"], default=d.sp_model_type, help="SentencePiece algorithm"
-    )
-    g.add_argument(
-        "--val-fraction", type=float, default=d.val_fraction, help="last fraction of characters held out for validation"
-    )
-    g = p.add_argument_group("model")
-    g.add_argument("--embed-dim", type=int, default=d.embed_dim, help="embedding width")
-    g.add_argument("--hidden-size", type=int, default=d.hidden_size, help="LSTM width")
-    g.add_argument("--num-layers", type=int, default=d.num_layers, help="stacked LSTM layers")
-    g.add_argument(
-        "--tie-weights",
-        action="store_true",
-        help="share embedding and output matrices (last layer becomes --embed-dim wide)",
-    )
-    g.add_argument(
-        "--dropout-embed", type=float, default=d.dropout_embed, help="drop whole embedding rows (AWD dropoute)"
-    )
-    g.add_argument("--dropout-input", type=float, default=d.dropout_input, help="locked dropout on embeddings")
-    g.add_argument("--dropout-hidden", type=float, default=d.dropout_hidden, help="locked dropout between layers")
-    g.add_argument(
-        "--dropout-output", type=float, default=d.dropout_output, help="locked dropout before the output layer"
-    )
-    g.add_argument("--weight-drop", type=float, default=d.weight_drop, help="DropConnect on hidden-to-hidden weights")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="parallel rows of the corpus")
-    g.add_argument("--bptt", type=int, default=d.bptt, help="truncated-BPTT window in tokens")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
-    g.add_argument(
-        "--min-lr-ratio",
-        type=float,
-        default=d.min_lr_ratio,
-        help="final (cosine) or lowest (plateau) LR as a fraction of --lr",
-    )
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps")
-    g.add_argument("--schedule", choices=["cosine", "plateau"], default=d.schedule, help="LR decay after warm-up")
-    g.add_argument("--plateau-factor", type=float, default=d.plateau_factor, help="plateau: LR multiplier on a stall")
-    g.add_argument(
-        "--plateau-patience",
-        type=int,
-        default=d.plateau_patience,
-        help="plateau: evaluations without improvement before decaying",
-    )
-    g.add_argument(
-        "--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay (matrices only)"
-    )
-    g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping threshold")
-    g.add_argument(
-        "--max-steps",
-        type=int,
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
         default=None,
-        help=f"optimizer steps in total, which sets the cosine schedule's length (default {d.max_steps}; "
-        "with --resume, a new total that extends the run)",
+        help="start from a preset's settings (flags given as well override it): " + presets,
     )
-    g.add_argument(
-        "--reset-prob",
-        type=float,
-        default=d.reset_prob,
-        help="chance per row and window of restarting from <s> (trains fresh states)",
-    )
-    g.add_argument(
-        "--epoch-offset",
-        type=int,
-        default=d.epoch_offset,
-        help="each epoch cuts the corpus into rows starting a random 0..N tokens in, so windows differ "
-        "between epochs (0: the same cut every epoch)",
-    )
-    g = p.add_argument_group("bookkeeping")
-    g.add_argument(
-        "--eval-interval",
-        type=int,
-        default=d.eval_interval,
-        help="steps between validation runs (and best-checkpoint saves)",
-    )
-    g.add_argument(
-        "--checkpoint-interval", type=int, default=d.checkpoint_interval, help="steps between resumable-state saves"
-    )
-    g.add_argument(
-        "--early-stop-patience",
-        type=int,
-        default=d.early_stop_patience,
-        help="stop after this many evaluations without improvement (0: never)",
-    )
-    g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, dropout and data")
-    g.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all cores)")
+    p.add_argument("--resume", action="store_true", help="continue exactly where the run in --out stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    add_options(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    flags = given(args, TrainConfig)
     if args.resume:
-        saved = json.loads((out / RESUME_DIR / "train_config.json").read_text(encoding="utf-8"))
-        saved.setdefault("epoch_offset", 0)  # runs started before the flag existed used one cut
-        cfg = TrainConfig(**saved)
-        if args.max_steps is not None:
-            cfg.max_steps = args.max_steps  # extending a run stretches the cosine schedule
-            (out / RESUME_DIR / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        if args.preset:
+            print("error: --preset starts a run; --resume continues one with its own settings", file=sys.stderr)
+            return 2
+        path = out / RESUME_DIR / TRAIN_CONFIG_FILE
+        if not path.is_file():
+            print(f"error: nothing to resume in {out} (no {path})", file=sys.stderr)
+            return 2
+        changed = sorted(k for k in flags if k not in RESUMABLE_CHANGES)
+        if changed:
+            print(
+                f"error: {', '.join(flag(k) for k in changed)} cannot change when resuming (the run would no longer "
+                f"be the one it continues); only {', '.join(flag(k) for k in sorted(RESUMABLE_CHANGES))} can",
+                file=sys.stderr,
+            )
+            return 2
+        cfg = replace(TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))), **flags)
+        path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")  # extending a run stretches its schedule
     else:
         if not args.data:
             print("error: give at least one training file (or --resume)", file=sys.stderr)
             return 2
-        if args.max_steps is None:
-            args.max_steps = TrainConfig.max_steps
-        names = {f.name for f in fields(TrainConfig)} - {"data", "out_dir"}
-        cfg = TrainConfig(data=[str(p) for p in args.data], out_dir=str(out), **{n: getattr(args, n) for n in names})
-    result = train(cfg, resume=args.resume, max_minutes=args.max_minutes, progress=not args.no_progress)
+        preset = PRESETS[args.preset].settings if args.preset else {}
+        cfg = TrainConfig(data=[str(p) for p in args.data], out_dir=str(out), **{**preset, **flags})
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
     best = result.best_val
-    summary = {"steps": result.steps, "stopped": result.stopped}
+    summary: dict[str, object] = {"steps": result.steps, "stopped": result.stopped, "checkpoint": str(out)}
     if best is not None:
         summary.update(val_nats_per_char=round(best.nats_per_char, 4), val_bits_per_char=round(best.bits_per_char, 4))
     print(json.dumps(summary))
@@ -224,15 +153,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         stop=tuple(_unescape(s) for s in args.stop),
         seed=args.seed,
     )
-    state = engine.start_state()
+    state = engine.start()
 
-    def turn(prompt: str, seed: int | None) -> State:
+    def turn(prompt: str, seed: int | None) -> np.ndarray:
         ids = lm.tokenizer.encode(prompt)
         st = engine.prefill(ids, state)
         for item in generate(engine, lm.tokenizer, st, replace(params, seed=seed), ids):
             if isinstance(item, Finished):
                 print(file=sys.stderr)
-                return item.state
+                return item.rows
             print(item.text, end="", flush=True)
         raise AssertionError("generation ended without finishing")
 

@@ -1,9 +1,12 @@
-"""Generation as a per-sequence state machine, so one sequence or many can be stepped together.
+"""Generation as a per-sequence state machine, stepped in batches by one function.
 
 A `Decoder` owns everything one request needs between model steps: its state row, sampling
-parameters and generator, the text so far, and stop-string handling. A driver (the loop in
-`generate` below, or the service's batching scheduler) asks each active decoder for its next
-input token, steps the model once for all of them, and hands each its new state.
+parameters and uniform draws, the text so far, and stop-string handling. `start_decoders`
+samples the first token of new decoders from the logits after their prompts; `step_decoders`
+then advances a batch of them by one token: one engine step and one output projection for the
+whole batch, each decoder takes its new row, and those still going sample their next token in
+one vectorised pass. The service's scheduler calls it once per tick; `generate` below calls it
+with a batch of one.
 
 Stop strings: text that could still grow into a stop string is held back; when one appears,
 the text before it is the result, and the state is rewound to exactly that text (states of the
@@ -14,14 +17,12 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .engine import Engine
-from .lstm import State
 from .sampling import SamplingParams, UniformStream, make_generator, new_seed, sample_rows
 from .tokenizer import Tokenizer
 
@@ -54,7 +55,7 @@ class Finished:
     finish_reason: str  # "length" or "stop"
     text: str
     completion_tokens: int  # tokens the final state has consumed beyond the prompt
-    state: State
+    rows: np.ndarray  # (1, S): the state after the prompt and `text`
 
 
 @dataclass
@@ -64,26 +65,28 @@ class _Pending:
 
 
 class Decoder:
-    """Generation for one sequence. Call `next_input()`, step the model, then `advance(row)`.
+    """Generation for one sequence, from state rows (1, S) after its prompt.
 
-    The state is a flat float32 row (S,) (Engine.rows layout): in a batch it is a view of the
-    scheduler's step output, so taking it costs nothing."""
+    `row` is the current state (S,): in a batch, a view of the step's output, so taking it
+    costs nothing. Drive it with start_decoders once, then step_decoders until `finished`."""
 
     def __init__(
         self,
         engine: Engine,
         tokenizer: Tokenizer,
-        state: State,
+        rows: np.ndarray,
         params: GenerationParams,
         context: list[int] | None = None,
     ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.params = params
+        self._texts = tokenizer.texts
         self.context = context or []  # prompt ids, for the repetition penalty
-        self.row: np.ndarray = engine.rows(state)[0]  # the state after the prompt and what followed
+        self.row: np.ndarray = np.asarray(rows, dtype=np.float32).reshape(-1)
         self.finished: Finished | None = None
         self.seed = params.seed if params.seed is not None else new_seed()
+        self._greedy = params.sampling.temperature == 0.0
         self._uniforms = UniformStream(make_generator(self.seed))
         # the text so far as pieces (joined once at the end, never re-copied per token), plus
         # its last few characters: all that stop-string matching needs to look at
@@ -101,8 +104,10 @@ class Decoder:
         self._next_event: TokenEvent | None = None
         if params.max_tokens <= 0:
             self._finish("length", 0)
-        else:
-            self._choose(self.engine.logits_rows(self.row[None])[0])
+
+    @property
+    def started(self) -> bool:
+        return self._next is not None or self.finished is not None
 
     def sampling_context(self) -> Iterable[int]:
         """What the repetition penalty looks at: the prompt and everything generated so far."""
@@ -110,43 +115,32 @@ class Decoder:
             return ()
         return itertools.chain(self.context, self._generated)
 
-    def set_next(self, token: int, logits: torch.Tensor | np.ndarray) -> None:
+    def draw(self) -> float:
+        """This sequence's next uniform draw; greedy sequences draw nothing."""
+        return 0.0 if self._greedy else self._uniforms.draw()
+
+    def set_next(self, token: int, logits: np.ndarray) -> None:
         """Record the sampled next token; `logits` (V,) are the raw ones it was sampled from."""
         logprob = top = None
         if self.params.logprobs:
-            x = np.asarray(logits.detach().numpy() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
-            logp = x - x.max()
+            logp = logits.astype(np.float64)
+            logp -= logp.max()
             logp -= np.log(np.exp(logp).sum())
             logprob = float(logp[token])
             best = np.argsort(-logp, kind="stable")[: self.params.logprobs]
             top = [(int(i), float(logp[i])) for i in best]
         self._next = token
-        self._next_event = TokenEvent(self.tokenizer.token_text(token), token, logprob, top)
-
-    def _choose(self, logits: torch.Tensor | np.ndarray) -> None:
-        """Sample the next token from the distribution after the current state."""
-        token = sample_rows(logits[None], [self.params.sampling], [self.draw()], [self.sampling_context()])[0]
-        self.set_next(token, logits)
-
-    def draw(self) -> float:
-        """This sequence's next uniform draw; greedy sequences draw nothing."""
-        return 0.0 if self.params.sampling.temperature == 0.0 else self._uniforms.draw()
+        self._next_event = TokenEvent(self._texts[token], token, logprob, top)
 
     def next_input(self) -> int:
         """The token to feed this step (the one just sampled)."""
-        assert self._next is not None and self.finished is None, "decoder is finished"
+        if self._next is None or self.finished is not None:
+            raise RuntimeError("the decoder has not started or has finished")
         return self._next
 
-    def advance(self, row: np.ndarray, logits: np.ndarray | None = None) -> None:
-        """Take the state row (S,) after feeding next_input() and sample the next token;
-        `logits` (V,) may be passed if already computed."""
-        self.accept(row)
-        if self.finished is None:
-            self._choose(self.engine.logits_rows(row[None])[0] if logits is None else logits)
-
     def accept(self, row: np.ndarray) -> None:
-        """Take the state row (S,) after feeding next_input(), without sampling: unless this
-        finished the sequence, set_next() must follow (choose_batch does that for many at once)."""
+        """Take the state row (S,) after feeding next_input(). Unless this finished the sequence,
+        set_next() must follow (step_decoders does that for a whole batch at once)."""
         assert self._next is not None and self._next_event is not None
         event = self._next_event
         self._generated.append(self._next)
@@ -177,10 +171,6 @@ class Decoder:
         ready, self._ready = self._ready, []
         return ready
 
-    @property
-    def text(self) -> str:
-        return "".join(self._pieces) if self.finished is None else self.finished.text
-
     def _find_stop(self, new_from: int) -> int | None:
         best = None
         tail_start = self._length - len(self._tail)
@@ -207,7 +197,7 @@ class Decoder:
         self._release(end)
         kept = len(self._generated) - len(self._pending)  # tokens wholly before `end`
         row = self.row if not self._pending else next(r for n, r in reversed(self._history) if n <= kept)
-        state = self.engine.state_of(row[None])
+        rows = np.array(row, dtype=np.float32, ndmin=2)  # a copy: a batch's rows are reused
         completion = kept
         if self._pending:  # a token straddles the stop: keep its text before the stop
             pending_start = self._pending[0].end - len(self._pending[0].event.text)
@@ -215,42 +205,73 @@ class Decoder:
             if partial:
                 self._ready.append(TokenEvent(partial, None))
                 ids = self.tokenizer.encode(partial)
-                state = self.engine.prefill(ids, state)
+                rows = self.engine.prefill(ids, rows)
                 completion += len(ids)
             self._pending.clear()
         text = "".join(self._pieces)[:end]
         self._pieces, self._length, self._tail = [text], len(text), ""
-        self.finished = Finished(reason, text, completion, state)
-        self.row = self.engine.rows(state)[0]
+        self.finished = Finished(reason, text, completion, rows)
+        self.row = rows[0]
         self._next = None
 
 
-def choose_batch(decoders: list[Decoder], logits: torch.Tensor | np.ndarray) -> None:
-    """Sample the next token of every decoder at once; row i of `logits` (B, V) belongs to decoders[i].
-    Each row uses its own parameters and generator, so the result equals sampling them one by one."""
-    raw = logits.detach().numpy() if isinstance(logits, torch.Tensor) else logits
+def _choose(decoders: Sequence[Decoder], logits: np.ndarray) -> None:
+    """Sample the next token of every decoder at once; row i of `logits` (B, V) belongs to
+    decoders[i]. Each row uses its own parameters and draws, so the result equals sampling
+    them one by one."""
     tokens = sample_rows(
-        raw,
+        logits,
         [d.params.sampling for d in decoders],
         [d.draw() for d in decoders],
         [d.sampling_context() for d in decoders],
     )
     for row, (decoder, token) in enumerate(zip(decoders, tokens)):
-        decoder.set_next(token, raw[row])
+        decoder.set_next(token, logits[row])
+
+
+def start_decoders(engine: Engine, decoders: Sequence[Decoder]) -> None:
+    """Sample the first token of each new decoder from the logits after its prompt."""
+    waiting = [d for d in decoders if not d.started]
+    if waiting:
+        _choose(waiting, engine.logits(np.stack([d.row for d in waiting])))
+
+
+def step_decoders(engine: Engine, decoders: Sequence[Decoder], rows: np.ndarray | None = None) -> np.ndarray:
+    """Advance every (started, unfinished) decoder by one token: feed each its sampled token,
+    hand it its new state row, and sample the next token of those still going.
+
+    `rows` (B, S) are the decoders' current rows in order when the caller still holds them from
+    the previous call (None: gathered from the decoders). Returns the new rows: row i belongs to
+    decoders[i], and each decoder's `row` is a view into it."""
+    if rows is None:
+        rows = np.stack([d.row for d in decoders])
+    ids = np.fromiter((d.next_input() for d in decoders), dtype=np.int64, count=len(decoders))
+    rows = engine.step(ids, rows)
+    logits = engine.logits(rows)
+    going: list[int] = []
+    for index, decoder in enumerate(decoders):
+        decoder.accept(rows[index])  # a view: free
+        if decoder.finished is None:
+            going.append(index)
+    if going:
+        _choose([decoders[i] for i in going], logits if len(going) == len(decoders) else logits[going])
+    return rows
 
 
 def generate(
     engine: Engine,
     tokenizer: Tokenizer,
-    state: State,
+    rows: np.ndarray,
     params: GenerationParams,
     context: list[int] | None = None,
 ) -> Iterator[TokenEvent | Finished]:
-    """Decode one sequence from `state`: yields token events, then one Finished."""
-    decoder = Decoder(engine, tokenizer, state, params, list(context or []))
+    """Decode one sequence from rows (1, S): yields token events, then one Finished."""
+    decoder = Decoder(engine, tokenizer, rows, params, list(context or []))
+    start_decoders(engine, [decoder])
+    batch: list[Decoder] = [decoder]
+    current: np.ndarray | None = None
     while decoder.finished is None:
-        token = np.array([decoder.next_input()])
-        decoder.advance(engine.step_rows(token, decoder.row[None])[0])
+        current = step_decoders(engine, batch, current)
         yield from decoder.take_events()
     yield from decoder.take_events()
     yield decoder.finished

@@ -17,31 +17,62 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .options import option
+
 # One (h, c) pair per layer, each (B, H_layer). Layers may differ in width (tied weights).
 State = tuple[tuple[Tensor, Tensor], ...]
 
 
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild the network; stored in the checkpoint's config.json."""
+DROPOUT_MODES = ("locked", "ordinary")
+INIT_SCHEMES = ("forget_bias", "pytorch")
 
-    vocab_size: int
-    embed_dim: int = 128
-    hidden_size: int = 512
-    num_layers: int = 3
-    tie_weights: bool = False  # last layer is embed_dim wide and shares the embedding matrix
-    dropout_embed: float = 0.0  # drop whole vocabulary rows of the embedding (AWD "dropoute")
-    dropout_input: float = 0.1  # locked dropout on the embeddings fed to layer 1
-    dropout_hidden: float = 0.2  # locked dropout between LSTM layers
-    dropout_output: float = 0.2  # locked dropout on the last layer's output
-    weight_drop: float = 0.2  # DropConnect on hidden-to-hidden weights
+
+@dataclass(kw_only=True)
+class ModelHyperparameters:
+    """The network's shape and regularisers: everything but the vocabulary, which the tokenizer
+    decides. Declared once: `lstm-lm train` derives its flags from these fields."""
+
+    embed_dim: int = option(128, "embedding width", group="model")
+    hidden_size: int = option(512, "LSTM width", group="model")
+    num_layers: int = option(3, "stacked LSTM layers", group="model")
+    tie_weights: bool = option(
+        False, "share embedding and output matrices (the last layer becomes --embed-dim wide)", group="model"
+    )
+    dropout_embed: float = option(0.0, "drop whole vocabulary rows of the embedding (AWD dropoute)", group="model")
+    dropout_input: float = option(0.1, "dropout on the embeddings fed to layer 1", group="model")
+    dropout_hidden: float = option(0.2, "dropout between LSTM layers", group="model")
+    dropout_output: float = option(0.2, "dropout on the last layer's output", group="model")
+    dropout_mode: str = option(
+        "locked",
+        "locked: one mask per sequence shared over time (AWD-LSTM); ordinary: a new mask at every step",
+        group="model",
+        choices=DROPOUT_MODES,
+    )
+    weight_drop: float = option(0.2, "DropConnect on hidden-to-hidden weights", group="model")
 
     def __post_init__(self) -> None:
-        if self.vocab_size < 3 or self.embed_dim < 1 or self.hidden_size < 1 or self.num_layers < 1:
+        if self.embed_dim < 1 or self.hidden_size < 1 or self.num_layers < 1:
             raise ValueError(f"invalid model size in {self}")
         for name in ("dropout_embed", "dropout_input", "dropout_hidden", "dropout_output", "weight_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1)")
+        if self.dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(ModelHyperparameters)}
+
+
+@dataclass(kw_only=True)
+class ModelConfig(ModelHyperparameters):
+    """Everything needed to rebuild the network; stored in the checkpoint's config.json."""
+
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vocab_size < 3:
+            raise ValueError(f"vocab_size must be at least 3 (<s>, <unk> and one more), not {self.vocab_size}")
 
     @property
     def layer_sizes(self) -> list[int]:
@@ -82,9 +113,20 @@ class LSTMLanguageModel(nn.Module):
         self.decoder = nn.Linear(sizes[-1], config.vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight
-        self._init_weights()
+        self.initialize("forget_bias")
 
-    def _init_weights(self) -> None:
+    def initialize(self, scheme: str = "forget_bias") -> None:
+        """(Re)initialise every weight. "pytorch": each module's own default (nn.LSTM's uniform
+        +-1/sqrt(H) for weights and biases alike). "forget_bias": N(0, 1) embeddings, zero biases
+        but the forget gate's at 1."""
+        if scheme not in INIT_SCHEMES:
+            raise ValueError(f"init scheme must be one of {INIT_SCHEMES}")
+        if scheme == "pytorch":
+            for module in (self.embedding, *self.layers, self.decoder):
+                module.reset_parameters()
+            if self.config.tie_weights:
+                self.decoder.weight = self.embedding.weight
+            return
         # N(0, 1) as nn.Embedding does: a +-0.1 table left a 3-layer stack on the unigram
         # plateau (~3.3 nats) for hundreds of steps in our runs. A tied table is also the output
         # layer, where N(0, 1) would give logits of std ~sqrt(E): scale it down there.
@@ -140,14 +182,15 @@ class LSTMLanguageModel(nn.Module):
         if state is None:
             state = self.init_state(ids.size(0))
         cfg = self.config
-        x = locked_dropout(self._embed(ids), cfg.dropout_input, self.training)  # (B, T, E)
+        drop = locked_dropout if cfg.dropout_mode == "locked" else F.dropout
+        x = drop(self._embed(ids), cfg.dropout_input, self.training)  # (B, T, E)
         new_state = []
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
             x, hc = self._run_layer(i, x, state[i])  # (B, T, H_i)
             new_state.append(hc)
             p = cfg.dropout_output if i == last else cfg.dropout_hidden
-            x = locked_dropout(x, p, self.training)
+            x = drop(x, p, self.training)
         return x, tuple(new_state)
 
     def forward(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:

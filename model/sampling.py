@@ -144,16 +144,3 @@ def sample_rows(
                 k -= 1
             out[row] = k
     return out
-
-
-def sample_token(
-    logits: Tensor | np.ndarray,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-    context: Iterable[int] = (),
-) -> int:
-    """Pick the next token from raw logits (V,): sample_rows for a batch of one, drawing one
-    uniform from `generator` (the global RNG if None) unless sampling is greedy."""
-    raw = logits.detach().numpy() if isinstance(logits, Tensor) else np.asarray(logits)
-    u = 0.0 if params.temperature == 0.0 else float(torch.rand(1, generator=generator, dtype=torch.float64))
-    return sample_rows(raw[None, :], [params], [u], [context])[0]

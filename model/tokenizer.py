@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -59,6 +59,9 @@ class Tokenizer(Protocol):
 
     def token_text(self, token_id: int) -> str: ...
 
+    @property
+    def texts(self) -> Sequence[str]: ...
+
     def save(self, directory: Path) -> Path: ...
 
 
@@ -83,6 +86,11 @@ class _TokenTable:
 
     def token_text(self, token_id: int) -> str:
         return self._texts[_check_ids([token_id], self.vocab_size)[0]]
+
+    @property
+    def texts(self) -> Sequence[str]:
+        """Every id's text, indexed by id (decoding without a per-token check)."""
+        return self._texts
 
 
 class CharTokenizer(_TokenTable):

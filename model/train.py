@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,69 +20,182 @@ from tqdm import tqdm
 from .checkpoint import save_checkpoint, weights_for_saving
 from .data import BatchStream, encode_documents, read_texts, split_documents
 from .evaluate import EvalResult, stream_nll, summarize
-from .lstm import LSTMLanguageModel, ModelConfig, detach_state
+from .lstm import INIT_SCHEMES, LSTMLanguageModel, ModelConfig, ModelHyperparameters, detach_state
+from .options import option
 from .plot import plot_history
 from .resume import load_resume_state, save_resume_state
 from .tokenizer import BOS_ID, CharTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 RESUME_DIR = "resume"
+TRAIN_CONFIG_FILE = "train_config.json"
 CURVE_FILE = "training_curve.png"
 HISTORY_FILE = "history.json"
+TOKENIZERS = ("char", "sentencepiece")
+SCHEDULES = ("cosine", "plateau")
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(ModelHyperparameters):
+    """A training run: the model's hyperparameters (inherited, declared once in lstm.py) plus how
+    to train it. `lstm-lm train` derives one flag per option field; a checkpoint records asdict()."""
+
     data: list[str]
     out_dir: str
-    tokenizer: str = "char"  # "char" or "sentencepiece"
-    sp_vocab_size: int = 1024
-    sp_model_type: str = "unigram"
-    val_fraction: float = 0.1
-    # model
-    embed_dim: int = 128
-    hidden_size: int = 512
-    num_layers: int = 3
-    tie_weights: bool = False
-    dropout_embed: float = 0.0
-    dropout_input: float = 0.1
-    dropout_hidden: float = 0.2
-    dropout_output: float = 0.2
-    weight_drop: float = 0.2
-    # optimisation
-    batch_size: int = 64
-    bptt: int = 128
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 200
-    schedule: str = "cosine"  # "cosine" or "plateau"
-    plateau_factor: float = 0.5
-    plateau_patience: int = 2
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    max_steps: int = 5000
-    reset_prob: float = 0.01  # per row and window: restart from <s> so fresh states are trained
-    epoch_offset: int = 128  # each epoch cuts its rows up to this many tokens into the stream
-    # bookkeeping
-    eval_interval: int = 250
-    checkpoint_interval: int = 100
-    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = never
-    seed: int = 1337
-    threads: int = 0  # 0 = every core
-    name: str | None = None
+    tokenizer: str = option("char", "token unit", group="tokenizer", choices=TOKENIZERS)
+    sp_vocab_size: int = option(1024, "SentencePiece vocabulary size", group="tokenizer")
+    sp_model_type: str = option("unigram", "SentencePiece algorithm", group="tokenizer", choices=("unigram", "bpe"))
+    val_fraction: float = option(0.1, "last fraction of the characters held out for validation", group="tokenizer")
+    init: str = option(
+        "forget_bias",
+        "weight initialisation: forget_bias (N(0,1) embeddings, zero biases, forget gate 1) or pytorch "
+        "(every module's own default)",
+        group="optimisation",
+        choices=INIT_SCHEMES,
+    )
+    batch_size: int = option(64, "parallel rows of the corpus", group="optimisation")
+    bptt: int = option(128, "truncated-BPTT window in tokens", group="optimisation")
+    lr: float = option(2e-3, "peak AdamW learning rate", group="optimisation")
+    adam_beta2: float = option(0.99, "AdamW's second-moment decay (PyTorch's default is 0.999)", group="optimisation")
+    min_lr_ratio: float = option(
+        0.05, "final (cosine) or lowest (plateau) learning rate as a fraction of --lr", group="optimisation"
+    )
+    warmup_steps: int = option(200, "linear warm-up steps", group="optimisation")
+    schedule: str = option("cosine", "learning-rate decay after warm-up", group="optimisation", choices=SCHEDULES)
+    plateau_factor: float = option(0.5, "plateau: learning-rate multiplier on a stall", group="optimisation")
+    plateau_patience: int = option(2, "plateau: evaluations without improvement before decaying", group="optimisation")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay", group="optimisation")
+    decay_all: bool = option(
+        False, "apply weight decay to every parameter, biases included (default: matrices only)", group="optimisation"
+    )
+    clip: float = option(1.0, "gradient-norm clipping threshold", group="optimisation")
+    max_steps: int = option(
+        5000,
+        "optimizer steps in total, which sets the cosine schedule's length (with --resume: a new total that "
+        "extends the run)",
+        group="optimisation",
+    )
+    reset_prob: float = option(
+        0.01, "chance per row and window of restarting from <s> (trains fresh states)", group="optimisation"
+    )
+    epoch_offset: int = option(
+        128,
+        "each epoch cuts the corpus into rows starting a random 0..N tokens in, so windows differ between "
+        "epochs (0: the same cut every epoch)",
+        group="optimisation",
+    )
+    eval_interval: int = option(250, "steps between validation runs (and best-checkpoint saves)", group="bookkeeping")
+    checkpoint_interval: int = option(100, "steps between resumable-state saves", group="bookkeeping")
+    early_stop_patience: int = option(
+        0, "stop after this many evaluations without improvement (0: never)", group="bookkeeping"
+    )
+    max_minutes: float | None = option(
+        None, "stop after this much wall time, with a checkpoint of the best weights (resumable)", group="bookkeeping"
+    )
+    seed: int = option(1337, "seed for initialisation, dropout and data", group="bookkeeping")
+    threads: int = option(0, "torch threads (0: every core)", group="bookkeeping")
+    name: str | None = option(
+        None, "model name recorded in config.json (default: --out's folder name)", group="bookkeeping"
+    )
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        names = {f.name for f in fields(ModelConfig)} - {"vocab_size"}
-        return ModelConfig(vocab_size=vocab_size, **{n: getattr(self, n) for n in names})
+        return ModelConfig(vocab_size=vocab_size, **self.hyperparameters())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A run's record (train_config.json, or a checkpoint's "training" entry) as a config."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def validate(self) -> None:
-        if self.tokenizer not in ("char", "sentencepiece"):
-            raise ValueError("tokenizer must be 'char' or 'sentencepiece'")
-        if self.schedule not in ("cosine", "plateau"):
-            raise ValueError("schedule must be 'cosine' or 'plateau'")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}")
         if min(self.batch_size, self.bptt, self.max_steps, self.eval_interval, self.checkpoint_interval) < 1:
             raise ValueError("batch size, bptt, steps and intervals must be positive")
         if self.epoch_offset < 0:
             raise ValueError("epoch_offset must be 0 or more")
+        if not 0.0 <= self.adam_beta2 < 1.0:
+            raise ValueError("adam_beta2 must be in [0, 1)")
+
+
+# what may change when a run is resumed without making it a different run
+RESUMABLE_CHANGES = frozenset({"max_steps", "max_minutes", "eval_interval", "checkpoint_interval", "threads", "name"})
+
+
+@dataclass(frozen=True)
+class Preset:
+    about: str  # what it is for and how long it takes on 2 cores (the --help text)
+    settings: dict[str, Any]
+
+
+PRESETS = {
+    "tiny": Preset(
+        "1 x 256 LSTM, done in under 3 minutes, writes words",
+        dict(
+            embed_dim=64,
+            hidden_size=256,
+            num_layers=1,
+            dropout_mode="ordinary",
+            dropout_input=0.0,
+            dropout_hidden=0.0,
+            dropout_output=0.1,
+            weight_drop=0.0,
+            init="pytorch",
+            batch_size=32,
+            bptt=64,
+            warmup_steps=0,
+            reset_prob=0.0,
+            max_steps=600,
+            eval_interval=200,
+            max_minutes=3.0,
+        ),
+    ),
+    "small": Preset(
+        "2 x 256 LSTM, about 20 minutes",
+        dict(
+            embed_dim=64,
+            hidden_size=256,
+            num_layers=2,
+            dropout_mode="ordinary",
+            dropout_input=0.1,
+            dropout_hidden=0.1,
+            dropout_output=0.1,
+            weight_drop=0.0,
+            init="pytorch",
+            warmup_steps=0,
+            reset_prob=0.0,
+            max_steps=1500,
+            eval_interval=150,
+            max_minutes=25.0,
+        ),
+    ),
+    "shakespeare": Preset(
+        "the shipped shakespeare-char recipe (see its model card), about 2.5 hours",
+        dict(
+            embed_dim=128,
+            hidden_size=512,
+            num_layers=2,
+            dropout_mode="ordinary",
+            dropout_input=0.25,
+            dropout_hidden=0.25,
+            dropout_output=0.25,
+            weight_drop=0.0,
+            init="pytorch",
+            adam_beta2=0.999,
+            decay_all=True,
+            weight_decay=0.01,
+            warmup_steps=0,
+            reset_prob=0.0,
+            min_lr_ratio=0.1,
+            max_steps=2100,
+            eval_interval=150,
+            epoch_offset=0,
+        ),
+    ),
+}
 
 
 @dataclass
@@ -128,11 +244,11 @@ def build_tokenizer(cfg: TrainConfig, train_docs: list[str]) -> Tokenizer:
 
 
 def make_optimizer(model: LSTMLanguageModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    # Weight decay on matrices only; biases and gains are not capacity worth shrinking.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # By default weight decay on matrices only: biases are not capacity worth shrinking.
+    decay = [p for p in model.parameters() if cfg.decay_all or p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if not cfg.decay_all and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
 
 
 def evaluate_documents(model: LSTMLanguageModel, tokenizer: Tokenizer, docs: list[str]) -> EvalResult:
@@ -145,149 +261,210 @@ def evaluate_documents(model: LSTMLanguageModel, tokenizer: Tokenizer, docs: lis
     return summarize(total, tokens, sum(len(d) for d in docs), unknown)
 
 
-def train(
-    cfg: TrainConfig, *, resume: bool = False, max_minutes: float | None = None, progress: bool = True
-) -> TrainResult:
-    """Train (or continue) a model; the best checkpoint by validation loss is written to out_dir."""
-    cfg.validate()
-    out = Path(cfg.out_dir)
-    resume_dir = out / RESUME_DIR
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)  # every core unless told otherwise
-    texts = read_texts([Path(p) for p in cfg.data])
-    train_docs, val_docs = split_documents(texts, cfg.val_fraction)
+class Trainer:
+    """One training run, fresh or resumed. `run()` steps until a stop condition and always leaves
+    the best weights seen as a checkpoint in out_dir and the resumable state in out_dir/resume."""
 
-    saved = load_resume_state(resume_dir) if resume else None
-    tokenizer = load_tokenizer(cfg.tokenizer, resume_dir) if saved is not None else build_tokenizer(cfg, train_docs)
-    torch.manual_seed(cfg.seed)
-    model = LSTMLanguageModel(cfg.model_config(tokenizer.vocab_size))
-    optimizer = make_optimizer(model, cfg)
-    schedule = Schedule(cfg)
-    data_rng = torch.Generator().manual_seed(cfg.seed + 1)
-    batches = BatchStream.from_stream(
-        encode_documents(tokenizer, train_docs), cfg.batch_size, cfg.bptt, cfg.epoch_offset
-    )
-    carried = model.init_state(cfg.batch_size)
-    step, elapsed, history = 0, 0.0, []
-    loss_sum, loss_count = 0.0, 0  # training loss since the last evaluation
-    best: EvalResult | None = None
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.resume_dir = self.out / RESUME_DIR
+        self.progress = progress
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)  # every core unless told otherwise
+        texts = read_texts([Path(p) for p in cfg.data])
+        train_docs, self.val_docs = split_documents(texts, cfg.val_fraction)
+        saved = load_resume_state(self.resume_dir) if resume else None
+        self.tokenizer = (
+            load_tokenizer(cfg.tokenizer, self.resume_dir) if saved is not None else build_tokenizer(cfg, train_docs)
+        )
+        torch.manual_seed(cfg.seed)
+        self.model = LSTMLanguageModel(cfg.model_config(self.tokenizer.vocab_size))
+        if cfg.init != "forget_bias":  # the constructor's scheme
+            self.model.initialize(cfg.init)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.schedule = Schedule(cfg)
+        self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self.batches = BatchStream.from_stream(
+            encode_documents(self.tokenizer, train_docs), cfg.batch_size, cfg.bptt, cfg.epoch_offset
+        )
+        self.carried = self.model.init_state(cfg.batch_size)
+        self.step, self.elapsed = 0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self.loss_sum, self.loss_count = 0.0, 0  # training loss since the last evaluation
+        self.best: EvalResult | None = None
+        self.lr = cfg.lr
+        if saved is not None:
+            self._restore(saved)
+        else:
+            self.resume_dir.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(self.resume_dir)
+            (self.resume_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
-    if saved is not None:
+    def _restore(self, saved: dict[str, Any]) -> None:
         info = saved["info"]
-        model.load_state_dict(saved["model"], strict=not cfg.tie_weights)
-        optimizer.load_state_dict(saved["optimizer"])
+        self.model.load_state_dict(saved["model"], strict=not self.cfg.tie_weights)
+        self.optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["torch_rng"])
-        data_rng.set_state(saved["data_rng"])
+        self.data_rng.set_state(saved["data_rng"])
         flat = saved["carried"]
-        carried = tuple((flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2))
-        step, elapsed, history = info["step"], info["elapsed"], info["history"]
-        loss_sum, loss_count = info["loss_sum"], info["loss_count"]
+        self.carried = tuple((flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2))
+        self.step, self.elapsed, self.history = info["step"], info["elapsed"], info["history"]
+        self.loss_sum, self.loss_count = info["loss_sum"], info["loss_count"]
         for key, value in info["schedule"].items():
-            setattr(schedule, key, value)
-        best = EvalResult(**info["best"]) if info.get("best") else None
-    else:
-        resume_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(resume_dir)
-        (resume_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            setattr(self.schedule, key, value)
+        self.best = EvalResult(**info["best"]) if info.get("best") else None
 
-    def save_resume() -> None:
+    def save_resume(self) -> None:
         save_resume_state(
-            resume_dir,
-            model_state=weights_for_saving(model),
-            optimizer_state=optimizer.state_dict(),
-            carried=[t for hc in carried for t in hc],
-            data_rng=data_rng.get_state(),
+            self.resume_dir,
+            model_state=weights_for_saving(self.model),
+            optimizer_state=self.optimizer.state_dict(),
+            carried=[t for hc in self.carried for t in hc],
+            data_rng=self.data_rng.get_state(),
             info={
-                "step": step,
-                "elapsed": elapsed,
-                "history": history,
-                "loss_sum": loss_sum,
-                "loss_count": loss_count,
-                "schedule": schedule.state(),
-                "best": best.to_dict() if best else None,
+                "step": self.step,
+                "elapsed": self.elapsed,
+                "history": self.history,
+                "loss_sum": self.loss_sum,
+                "loss_count": self.loss_count,
+                "schedule": self.schedule.state(),
+                "best": self.best.to_dict() if self.best else None,
             },
         )
 
-    tokens_per_step = cfg.batch_size * cfg.bptt
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
-    started = time.monotonic()
-    seg_start, seg_elapsed, seg_step = time.monotonic(), elapsed, step
-    stopped = "max_steps"
-    model.train()
-    while step < cfg.max_steps:
-        window = step % batches.windows_per_epoch
+    def train_step(self) -> float:
+        """One optimizer step on the next window; returns its training loss."""
+        cfg, batches, model = self.cfg, self.batches, self.model
+        window = self.step % batches.windows_per_epoch
         if window == 0:
-            carried = model.init_state(cfg.batch_size)
-        inputs, targets = batches.window(window, batches.epoch_offset(cfg.seed, step // batches.windows_per_epoch))
+            self.carried = model.init_state(cfg.batch_size)
+        epoch = self.step // batches.windows_per_epoch
+        inputs, targets = batches.window(window, batches.epoch_offset(cfg.seed, epoch))
         inputs = inputs.clone()
+        carried = self.carried
         if cfg.reset_prob > 0:
-            restart = torch.rand(cfg.batch_size, generator=data_rng) < cfg.reset_prob
+            restart = torch.rand(cfg.batch_size, generator=self.data_rng) < cfg.reset_prob
             inputs[:, 0] = torch.where(restart, BOS_ID, inputs[:, 0])
             keep = (~restart).float().unsqueeze(1)
             carried = tuple((h * keep, c * keep) for h, c in carried)
-        lr = schedule.lr(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        self.lr = self.schedule.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
         logits, carried = model(inputs, carried)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        carried = detach_state(carried)
-        step += 1
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-        elapsed = seg_elapsed + time.monotonic() - seg_start
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{loss.item():.3f}",
-            tok_s=f"{tokens_per_step * (step - seg_step) / max(elapsed - seg_elapsed, 1e-9):.0f}",
-            lr=f"{lr:.2e}",
-            refresh=False,
-        )
+        self.optimizer.step()
+        self.carried = detach_state(carried)
+        self.step += 1
+        value = loss.item()
+        self.loss_sum, self.loss_count = self.loss_sum + value, self.loss_count + 1
+        return value
 
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            result = evaluate_documents(model, tokenizer, val_docs)
-            history.append(
+    def evaluate(self, bar: tqdm, *, record: bool = True) -> None:
+        """Score the validation split and write the checkpoint if it is the best yet. `record`:
+        a scheduled evaluation, which enters the history and the schedule; the one a stop adds
+        between them only keeps the best weights (so a resumed run stays the run it continues)."""
+        cfg = self.cfg
+        result = evaluate_documents(self.model, self.tokenizer, self.val_docs)
+        if record:
+            self.history.append(
                 {
-                    "step": step,
-                    "epoch": step / batches.windows_per_epoch,
-                    "train_loss": loss_sum / loss_count,
+                    "step": self.step,
+                    "epoch": self.step / self.batches.windows_per_epoch,
+                    "train_loss": self.loss_sum / max(self.loss_count, 1),
                     "val_nats_per_char": result.nats_per_char,
                     "val_token_loss": result.total_nats / max(result.num_tokens, 1),
-                    "lr": lr,
-                    "elapsed": elapsed,
+                    "lr": self.lr,
+                    "elapsed": self.elapsed,
                 }
             )
-            loss_sum, loss_count = 0.0, 0
-            bar.write(
-                f"step {step}: train loss {history[-1]['train_loss']:.4f}  "
-                f"val {result.nats_per_char:.4f} nats/char ({result.bits_per_char:.4f} bits/char)"
+            self.loss_sum, self.loss_count = 0.0, 0
+            self.schedule.observe(result.nats_per_char)
+            plot_history(self.history, self.out / CURVE_FILE, title=cfg.name or self.out.name)
+        bar.write(
+            f"step {self.step}: val {result.nats_per_char:.4f} nats/char ({result.bits_per_char:.4f} bits/char)"
+            + (f", train loss {self.history[-1]['train_loss']:.4f}" if record else " (at the stop)")
+        )
+        if self.best is None or result.nats_per_char < self.best.nats_per_char:
+            self.best = result
+            save_checkpoint(
+                self.out,
+                self.model,
+                self.tokenizer,
+                name=cfg.name,
+                training={**asdict(cfg), "best_step": self.step, "train_seconds": round(self.elapsed, 1)},
+                metrics={"validation": result.to_dict(), "step": self.step},
             )
-            schedule.observe(result.nats_per_char)
-            if best is None or result.nats_per_char < best.nats_per_char:
-                best = result
-                save_checkpoint(
-                    out,
-                    model,
-                    tokenizer,
-                    name=cfg.name,
-                    training={**asdict(cfg), "best_step": step, "train_seconds": round(elapsed, 1)},
-                    metrics={"validation": result.to_dict(), "step": step},
-                )
-            plot_history(history, out / CURVE_FILE, title=cfg.name or out.name)
-            save_resume()
-            if cfg.early_stop_patience and _evals_since_best(history) >= cfg.early_stop_patience:
-                stopped = "early_stop"
-                break
-        elif step % cfg.checkpoint_interval == 0:
-            save_resume()
-        if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
-            save_resume()
-            stopped = "time_budget"
-            break
-    bar.close()
-    _write_history(out, history)
-    return TrainResult(step, best, history, stopped)
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.bptt
+        bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
+        started = seg_start = time.monotonic()
+        seg_elapsed, seg_step = self.elapsed, self.step
+        stopped = "max_steps"
+        signals: list[str] = []
+        self.model.train()
+        with _stop_requests(signals):
+            while self.step < cfg.max_steps:
+                loss = self.train_step()
+                self.elapsed = seg_elapsed + time.monotonic() - seg_start
+                bar.update(1)
+                rate = tokens_per_step * (self.step - seg_step) / max(self.elapsed - seg_elapsed, 1e-9)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", lr=f"{self.lr:.2e}", refresh=False)
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                    self.evaluate(bar)
+                    self.save_resume()
+                    if cfg.early_stop_patience and _evals_since_best(self.history) >= cfg.early_stop_patience:
+                        stopped = "early_stop"
+                        break
+                elif self.step % cfg.checkpoint_interval == 0:
+                    self.save_resume()
+                if cfg.max_minutes is not None and time.monotonic() - started > cfg.max_minutes * 60:
+                    stopped = "time_budget"
+                    break
+                if signals:
+                    stopped = "interrupted"
+                    bar.write(f"{signals[0]}: saving the best checkpoint and the resumable state, then stopping")
+                    break
+            # however the run stopped, the best weights so far are a checkpoint
+            if not self.history or self.history[-1]["step"] != self.step:
+                self.evaluate(bar, record=False)
+                self.save_resume()
+        bar.close()
+        _write_history(self.out, self.history)
+        return TrainResult(self.step, self.best, self.history, stopped)
+
+
+@contextmanager
+def _stop_requests(signals: list[str]) -> Iterator[None]:
+    """The first SIGINT or SIGTERM asks the run to stop after the current step (with a
+    checkpoint); a second one interrupts at once."""
+
+    def ask(signum: int, frame: object) -> None:
+        if signals:
+            raise KeyboardInterrupt
+        signals.append(signal.Signals(signum).name)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, ask)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or continue) a model; the best checkpoint by validation loss is written to out_dir."""
+    return Trainer(cfg, resume=resume, progress=progress).run()
 
 
 def _evals_since_best(history: list[dict[str, Any]]) -> int:

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any, TypeVar
 
-from flask import Response, current_app, jsonify, request, send_from_directory, stream_with_context, url_for
+from flask import Flask, Response, current_app, jsonify, request, send_from_directory, stream_with_context, url_for
 from pydantic import BaseModel
 from swagger_ui_bundle import swagger_ui_path
 
@@ -45,11 +45,11 @@ _BODY_ERRORS = (400, 413, 415, 422)
 
 
 def service() -> LMService:
-    return current_app.extensions["lm_service"]
+    return service_of(current_app)
 
 
 def limits() -> Limits:
-    return current_app.extensions["lm_limits"]
+    return service().limits
 
 
 def parse(model: type[T], *, allow_empty: bool = False) -> T:
@@ -74,8 +74,8 @@ def parse(model: type[T], *, allow_empty: bool = False) -> T:
     return model.model_validate(data, context={"limits": limits()})
 
 
-def dump(model: BaseModel, status: int = 200) -> tuple[Response, int]:
-    return jsonify(model.model_dump(mode="json")), status
+def dump(body: dict[str, Any], status: int = 200) -> tuple[Response, int]:
+    return jsonify(body), status
 
 
 def session_path(session_id: str) -> str:
@@ -165,8 +165,7 @@ def generate() -> Response | tuple[Response, int]:
     lm = service()
     gen = lm.start_generation(req)
     if not req.stream:
-        resp = lm.generate(gen)
-        return jsonify(resp.model_dump(mode="json", exclude={"tokens"} if resp.tokens is None else set())), 200
+        return dump(lm.generate(gen))
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(stream_with_context(lm.generate_stream(gen)), mimetype="text/event-stream", headers=headers)
 
@@ -233,7 +232,7 @@ def detokenize() -> tuple[Response, int]:
 @route("/health", "GET", summary="Liveness", responses={200: HealthResponse}, tag="operations")
 def health() -> tuple[Response, int]:
     """The process answers. Checks nothing else."""
-    return dump(HealthResponse(status="ok"))
+    return dump({"status": "ok"})
 
 
 @route("/ready", "GET", summary="Readiness", responses={200: ReadyResponse}, errors=(503,), tag="operations")
@@ -247,26 +246,26 @@ def ready() -> tuple[Response, int]:
     except StoreUnavailable as exc:
         metrics.STORE_ERRORS.labels("unavailable").inc()
         raise ApiError(503, "not_ready", f"store check failed: {exc}", {**checks, "store": f"failed: {exc}"}) from exc
-    return dump(ReadyResponse(status="ready", checks=checks))
+    return dump({"status": "ready", "checks": checks})
 
 
 @route("/info", "GET", summary="Model card and limits", responses={200: InfoResponse}, tag="operations")
 def info() -> tuple[Response, int]:
     """Name, fingerprint, tokenizer, sizes, validation bits/char, and this server's limits."""
-    return dump(current_app.extensions["lm_info"])
+    return dump(current_app.config["MODEL_CARD"])
 
 
 @route("/metrics", "GET", summary="Prometheus metrics", responses={200: None}, tag="operations")
 def prometheus_metrics() -> Response:
     """Requests, latencies, tokens generated, decode speed, batch sizes, sessions, store errors."""
-    body = metrics.render(service().store.count, current_app.extensions["lm_metrics_multiprocess"])
+    body = metrics.render(service().store.count, current_app.config["METRICS_MULTIPROCESS"])
     return Response(body, mimetype="text/plain; version=0.0.4")
 
 
 @route("/openapi.json", "GET", summary="This document", responses={200: None}, tag="operations")
 def openapi_document() -> tuple[Response, int]:
     """The OpenAPI 3.1 description of this API, generated from the validating schemas."""
-    return jsonify(current_app.extensions["lm_openapi"]), 200
+    return jsonify(current_app.config["OPENAPI_DOCUMENT"]), 200
 
 
 @route(
@@ -280,7 +279,7 @@ def openapi_document() -> tuple[Response, int]:
 def docs() -> Response:
     """Swagger UI rendering /openapi.json (assets served locally: no CDN)."""
     page = DOCS_PAGE.format(
-        title=current_app.extensions["lm_info"].model["name"],
+        title=current_app.config["OPENAPI_DOCUMENT"]["info"]["title"],
         assets=url_for("api.docs_asset_GET", filename="").rstrip("/"),
         spec=url_for("api.openapi_document_GET"),
     )
@@ -292,11 +291,18 @@ def docs_asset(filename: str) -> Response:
     return send_from_directory(swagger_ui_path, filename)
 
 
-def openapi_for(app_limits: Limits, title: str) -> dict[str, Any]:
-    return build_openapi(
+def init_app(app: Flask) -> None:
+    """The routes, and the OpenAPI document that describes them."""
+    app.register_blueprint(api.blueprint)
+    app.config["OPENAPI_DOCUMENT"] = build_openapi(
         api,
-        title=title,
+        title="lstm-lm",
         version="1",
-        description="An LSTM language model over HTTP, with sessions whose hidden state lives in Redis.",
-        limits=app_limits,
+        description="An LSTM language model over HTTP, with sessions whose hidden state lives in Redis. "
+        f"This server runs the model {service_of(app).lm.name!r}.",
+        limits=service_of(app).limits,
     )
+
+
+def service_of(app: Flask) -> LMService:
+    return app.extensions["lm_service"]

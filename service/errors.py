@@ -9,6 +9,9 @@ from flask import Flask, Response, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from . import metrics
+from .sessions import StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +57,15 @@ _HTTP_CODES = {
 }
 
 
-def register_error_handlers(app: Flask) -> None:
+def init_app(app: Flask) -> None:
+    """Every failure answers in the one JSON error shape."""
+
+    @app.errorhandler(StoreUnavailable)
+    def _store_down(exc: StoreUnavailable) -> tuple[Response, int]:
+        metrics.STORE_ERRORS.labels("unavailable").inc()
+        log.warning("session store unavailable: %s", exc)
+        return error_body(503, "store_unavailable", "the session store is unavailable, retry later")
+
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> tuple[Response, int]:
         return error_body(exc.status, exc.code, exc.message, exc.details)

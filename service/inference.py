@@ -4,6 +4,11 @@ Routes parse and serialise; this module loads a session's state, runs the model 
 model.engine and model.generation), and writes the new state back with compare-and-set. A
 request without a session starts from the fresh state after <s> and never touches the store,
 so it works even when Redis is down.
+
+A state is the engine's flat float32 rows (1, S) from the store's bytes to the decode step and
+back: nothing here knows how an LSTM lays out its state. Responses are plain dicts shaped as
+service.schemas describes (the tests check every response against those models): building a
+pydantic object per generated or scored token cost more than generating it.
 """
 
 from __future__ import annotations
@@ -14,42 +19,27 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
 
-from model import LanguageModel, State
+from model import LanguageModel
 from model.engine import Engine
 from model.generation import Decoder, GenerationParams, TokenEvent
-from model.lstm import flatten_state, state_size, unflatten_state
 from model.sampling import SamplingParams
 from model.tokenizer import BOS_ID, BOS_TEXT, UNK_ID, UNK_TEXT, Encoding
 
 from . import metrics
 from .errors import ApiError, conflict, not_found
 from .scheduler import BatchScheduler, run_inline
-from .schemas import (
-    DetokenizeResponse,
-    GeneratedToken,
-    GenerateRequest,
-    GenerateResponse,
-    NextRequest,
-    NextResponse,
-    NextToken,
-    ScoreRequest,
-    ScoreResponse,
-    SessionCreated,
-    SessionInfo,
-    StreamFinal,
-    TokenizeResponse,
-    TokenProb,
-    TokenText,
-    Usage,
-)
+from .schemas import GenerateRequest, Limits, NextRequest, ScoreRequest
 from .sessions import CasResult, SessionStore
 from .sse import SSEEncoder
 from .state_codec import SessionState, StateDecodeError, decode_state, encode_state
 
 log = logging.getLogger(__name__)
+
+Body = dict[str, Any]
 
 
 def new_session_id() -> str:
@@ -61,14 +51,16 @@ class _Context:
     """A request's starting point: a session's state, or the fresh state after <s>."""
 
     session_id: str | None
-    state: State
+    rows: np.ndarray  # (1, S)
     tokens: int
     version: int
     created_at: float
 
 
 @dataclass
-class _Generation:
+class Generation:
+    """A generation that has passed every check that can fail with a clean HTTP status."""
+
     context: _Context
     prompt_tokens: int
     unknown_chars: int
@@ -77,22 +69,31 @@ class _Generation:
 
 
 class LMService:
-    def __init__(self, lm: LanguageModel, store: SessionStore, *, engine: Engine, batching: bool, max_batch: int):
+    def __init__(
+        self,
+        lm: LanguageModel,
+        store: SessionStore,
+        *,
+        engine: Engine,
+        batching: bool,
+        max_batch: int,
+        limits: Limits,
+    ):
         self.lm = lm
+        self.limits = limits  # what requests are validated against
         self.tokenizer = lm.tokenizer
         self.store = store
         self.engine = engine
-        self.scheduler = BatchScheduler(engine, max_batch) if batching else None
-        self._columns = state_size(lm.config)
-        self.sse = SSEEncoder(lm.tokenizer.vocab_size, lm.tokenizer.token_text, self.label)
+        self.scheduler = BatchScheduler(engine, max_batch, on_tick=metrics.BATCH_SIZE.observe) if batching else None
+        self.labels = [self._label(i) for i in range(lm.tokenizer.vocab_size)]
+        self.sse = SSEEncoder(lm.tokenizer.texts, self.labels)
 
     def close(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.close()
+        """Nothing to stop: the scheduler has no thread of its own (kept for the app's teardown)."""
 
     # ---- helpers ------------------------------------------------------------------------
 
-    def label(self, token_id: int) -> str:
+    def _label(self, token_id: int) -> str:
         """Display text of a token: specials by name, others as the text they decode to."""
         if token_id == BOS_ID:
             return BOS_TEXT
@@ -102,7 +103,7 @@ class LMService:
 
     def _decode_blob(self, session_id: str, blob: bytes) -> SessionState:
         try:
-            return decode_state(blob, self.lm.fingerprint, self._columns)
+            return decode_state(blob, self.lm.fingerprint, self.engine.state_size)
         except StateDecodeError as exc:
             metrics.STORE_ERRORS.labels("corrupt_state").inc()
             log.error("session %s: stored state cannot be decoded: %s", session_id, exc)
@@ -112,21 +113,19 @@ class LMService:
 
     def _open(self, session_id: str | None) -> _Context:
         if session_id is None:
-            return _Context(None, self.engine.start_state(), 0, 0, time.time())
+            return _Context(None, self.engine.start(), 0, 0, time.time())
         blob = self.store.get(session_id)
         if blob is None:
             raise not_found(session_id)
         saved = self._decode_blob(session_id, blob)
-        return _Context(
-            session_id, unflatten_state(saved.state, self.lm.config), saved.tokens, saved.version, saved.created_at
-        )
+        return _Context(session_id, saved.rows, saved.tokens, saved.version, saved.created_at)
 
-    def _commit(self, ctx: _Context, state: State, added: int) -> int:
+    def _commit(self, ctx: _Context, rows: np.ndarray, added: int) -> int:
         """Write the new state of a session (compare-and-set); returns its token count."""
         tokens = ctx.tokens + added
         if ctx.session_id is None or added == 0:
             return tokens
-        record = SessionState(flatten_state(state), tokens, ctx.version + 1, ctx.created_at, time.time())
+        record = SessionState(rows, tokens, ctx.version + 1, ctx.created_at, time.time())
         result = self.store.compare_and_set(ctx.session_id, ctx.version, encode_state(record, self.lm.fingerprint))
         if result is CasResult.CONFLICT:
             raise conflict(ctx.session_id)
@@ -134,55 +133,55 @@ class LMService:
             raise not_found(ctx.session_id)
         return tokens
 
-    def _create(self, state: State, tokens: int, created_at: float | None = None) -> str:
+    def _create(self, rows: np.ndarray, tokens: int) -> str:
         now = time.time()
-        blob = encode_state(SessionState(flatten_state(state), tokens, 0, created_at or now, now), self.lm.fingerprint)
+        blob = encode_state(SessionState(rows, tokens, 0, now, now), self.lm.fingerprint)
         while True:
             session_id = new_session_id()
             if self.store.create(session_id, blob):
                 return session_id
 
-    def _prefill(self, text: str, state: State) -> tuple[State, Encoding]:
-        """Consume `text` in one whole-sequence call; returns the new state and the encoding."""
+    def _prefill(self, text: str, rows: np.ndarray) -> tuple[np.ndarray, Encoding]:
+        """Consume `text`; returns the new rows and the encoding."""
         enc = self.tokenizer.encode_with_unknowns(text)
         metrics.PROMPT_TOKENS.inc(len(enc.ids))
-        return self.engine.prefill(enc.ids, state), enc
+        return self.engine.prefill(enc.ids, rows), enc
 
     # ---- sessions -----------------------------------------------------------------------
 
-    def create_session(self, text: str) -> SessionCreated:
-        state, enc = self._prefill(text, self.engine.start_state())
+    def create_session(self, text: str) -> Body:
+        rows, enc = self._prefill(text, self.engine.start())
         n = len(enc.ids)
-        return SessionCreated(session_id=self._create(state, n), tokens=n, unknown_chars=enc.unknown_chars)
+        return {"session_id": self._create(rows, n), "tokens": n, "unknown_chars": enc.unknown_chars}
 
-    def session_info(self, session_id: str) -> SessionInfo:
+    def session_info(self, session_id: str) -> Body:
         blob = self.store.get(session_id)
         if blob is None:
             raise not_found(session_id)
         saved = self._decode_blob(session_id, blob)
-        return SessionInfo(
-            session_id=session_id,
-            tokens=saved.tokens,
-            created_at=saved.created_at,
-            updated_at=saved.updated_at,
-            expires_in=self.store.ttl(session_id),
-            model=self.lm.fingerprint,
-        )
+        return {
+            "session_id": session_id,
+            "tokens": saved.tokens,
+            "created_at": saved.created_at,
+            "updated_at": saved.updated_at,
+            "expires_in": self.store.ttl(session_id),
+            "model": self.lm.fingerprint,
+        }
 
     def delete_session(self, session_id: str) -> None:
         if not self.store.delete(session_id):
             raise not_found(session_id)
 
-    def fork_session(self, session_id: str) -> SessionCreated:
+    def fork_session(self, session_id: str) -> Body:
         ctx = self._open(session_id)
-        return SessionCreated(session_id=self._create(ctx.state, ctx.tokens), tokens=ctx.tokens, unknown_chars=0)
+        return {"session_id": self._create(ctx.rows, ctx.tokens), "tokens": ctx.tokens, "unknown_chars": 0}
 
     # ---- generation ---------------------------------------------------------------------
 
-    def start_generation(self, req: GenerateRequest) -> _Generation:
+    def start_generation(self, req: GenerateRequest) -> Generation:
         """Everything that can fail with a clean HTTP status happens here, before any streaming."""
         ctx = self._open(req.session_id)
-        state, enc = self._prefill(req.prompt, ctx.state)
+        rows, enc = self._prefill(req.prompt, ctx.rows)
         params = GenerationParams(
             max_tokens=req.max_tokens,
             sampling=SamplingParams(req.temperature, req.top_k, req.top_p, req.repetition_penalty),
@@ -190,46 +189,44 @@ class LMService:
             seed=req.seed,
             logprobs=req.logprobs,
         )
-        decoder = Decoder(self.engine, self.tokenizer, state, params, enc.ids)
-        return _Generation(ctx, len(enc.ids), enc.unknown_chars, decoder, time.monotonic())
+        decoder = Decoder(self.engine, self.tokenizer, rows, params, enc.ids)
+        return Generation(ctx, len(enc.ids), enc.unknown_chars, decoder, time.monotonic())
 
-    def _token_events(self, gen: _Generation) -> Iterator[list[TokenEvent]]:
+    def _token_events(self, gen: Generation) -> Iterator[list[TokenEvent]]:
         if self.scheduler is not None:
             return self.scheduler.run(gen.decoder)
         return run_inline(self.engine, gen.decoder)
 
-    def _finish(self, gen: _Generation) -> StreamFinal:
+    def _finish(self, gen: Generation) -> Body:
+        """Save the session and summarise: the last streamed event, and most of the JSON answer."""
         done = gen.decoder.finished
         assert done is not None
-        session_tokens = self._commit(gen.context, done.state, gen.prompt_tokens + done.completion_tokens)
+        session_tokens = self._commit(gen.context, done.rows, gen.prompt_tokens + done.completion_tokens)
         elapsed = time.monotonic() - gen.started
         metrics.GENERATED_TOKENS.inc(done.completion_tokens)
         if done.completion_tokens and elapsed > 0:
             metrics.GENERATION_SPEED.observe(done.completion_tokens / elapsed)
-        usage = Usage(
-            prompt_tokens=gen.prompt_tokens, completion_tokens=done.completion_tokens, session_tokens=session_tokens
-        )
-        return StreamFinal(
-            finish_reason=done.finish_reason,  # type: ignore[arg-type]
-            session_id=gen.context.session_id,
-            seed=gen.decoder.seed,
-            usage=usage,
-            unknown_chars=gen.unknown_chars,
-            text=done.text,
-        )
+        return {
+            "text": done.text,
+            "session_id": gen.context.session_id,
+            "finish_reason": done.finish_reason,
+            "seed": gen.decoder.seed,
+            "usage": {
+                "prompt_tokens": gen.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+                "session_tokens": session_tokens,
+            },
+            "unknown_chars": gen.unknown_chars,
+        }
 
-    def generate(self, gen: _Generation) -> GenerateResponse:
-        events = [
-            GeneratedToken.model_validate(self.sse.event_dict(e)) for chunk in self._token_events(gen) for e in chunk
-        ]
-        final = self._finish(gen)
-        return GenerateResponse(
-            **final.model_dump(exclude={"text"}),
-            text=final.text,
-            tokens=events if gen.decoder.params.logprobs else None,
-        )
+    def generate(self, gen: Generation) -> Body:
+        events = [e for chunk in self._token_events(gen) for e in chunk]
+        body = self._finish(gen)
+        if gen.decoder.params.logprobs:
+            body["tokens"] = [self.sse.event_dict(e) for e in events]
+        return body
 
-    def generate_stream(self, gen: _Generation) -> Iterator[bytes]:
+    def generate_stream(self, gen: Generation) -> Iterator[bytes]:
         """Server-Sent Events: token events as they come, then the final summary (or an error if
         saving the session failed). If the consumer stops early (client gone), generation stops
         and nothing is saved."""
@@ -248,54 +245,56 @@ class LMService:
 
     # ---- distributions and scores -------------------------------------------------------
 
-    def next(self, req: NextRequest) -> NextResponse:
+    def next(self, req: NextRequest) -> Body:
         ctx = self._open(req.session_id)
-        state, enc = self._prefill(req.text, ctx.state)
+        rows, enc = self._prefill(req.text, ctx.rows)
         n = len(enc.ids)
-        logp = self.engine.log_probs(state)[0].double()
-        probs = logp.exp()
-        entropy = float(torch.special.entr(probs).sum())
-        k = probs.numel() if req.top_n == 0 else min(req.top_n, probs.numel())
-        values, ids = torch.topk(probs, k)
-        listed = [
-            NextToken(token=self.label(int(i)), id=int(i), prob=float(p), logprob=float(logp[i]))
-            for p, i in zip(values, ids)
-        ]
+        logp = self.engine.log_probs(rows)[0]
+        probs = np.exp(logp)
+        entropy = float(-(probs * logp)[probs > 0].sum())
+        k = probs.size if req.top_n == 0 else min(req.top_n, probs.size)
+        best = np.argsort(-probs, kind="stable")[:k].tolist()
+        labels = self.labels
+        listed = [{"token": labels[i], "id": i, "prob": float(probs[i]), "logprob": float(logp[i])} for i in best]
         if req.commit:
-            self._commit(ctx, state, n)
-        return NextResponse(
-            session_id=ctx.session_id, tokens_processed=n, unknown_chars=enc.unknown_chars, next=listed, entropy=entropy
-        )
+            self._commit(ctx, rows, n)
+        return {
+            "session_id": ctx.session_id,
+            "tokens_processed": n,
+            "unknown_chars": enc.unknown_chars,
+            "next": listed,
+            "entropy": entropy,
+        }
 
-    def score(self, req: ScoreRequest) -> ScoreResponse:
+    def score(self, req: ScoreRequest) -> Body:
         ctx = self._open(req.session_id)
         enc = self.tokenizer.encode_with_unknowns(req.text)
         metrics.PROMPT_TOKENS.inc(len(enc.ids))
-        scores, state = self.engine.score(enc.ids, ctx.state)
+        scores, rows = self.engine.score(enc.ids, ctx.rows)
         if req.commit:
-            self._commit(ctx, state, len(enc.ids))
-        total = float(scores.double().sum())
+            self._commit(ctx, rows, len(enc.ids))
+        total = float(scores.sum())
         n = len(enc.ids)
-        return ScoreResponse(
-            session_id=ctx.session_id,
-            tokens=[TokenProb(token=self.label(i), id=i, logprob=float(s)) for i, s in zip(enc.ids, scores)],
-            total_logprob=total,
-            num_tokens=n,
-            num_chars=len(req.text),
-            unknown_chars=enc.unknown_chars,
-            bits_per_char=-total / math.log(2) / len(req.text),
-            perplexity=math.exp(-total / n) if n else float("nan"),
-        )
+        labels = self.labels
+        return {
+            "session_id": ctx.session_id,
+            "tokens": [{"token": labels[i], "id": i, "logprob": s} for i, s in zip(enc.ids, scores.tolist())],
+            "total_logprob": total,
+            "num_tokens": n,
+            "num_chars": len(req.text),
+            "unknown_chars": enc.unknown_chars,
+            "bits_per_char": -total / math.log(2) / len(req.text),
+            "perplexity": math.exp(-total / max(n, 1)),  # n >= 1: the text is not empty
+        }
 
     # ---- tokenizer ----------------------------------------------------------------------
 
-    def tokenize(self, text: str) -> TokenizeResponse:
+    def tokenize(self, text: str) -> Body:
         enc = self.tokenizer.encode_with_unknowns(text)
-        return TokenizeResponse(
-            tokens=[TokenText(id=i, token=self.label(i)) for i in enc.ids], unknown_chars=enc.unknown_chars
-        )
+        labels = self.labels
+        return {"tokens": [{"id": i, "token": labels[i]} for i in enc.ids], "unknown_chars": enc.unknown_chars}
 
-    def detokenize(self, ids: list[int]) -> DetokenizeResponse:
+    def detokenize(self, ids: list[int]) -> Body:
         vocab = self.tokenizer.vocab_size
         bad = [
             {"field": f"ids.{n}", "message": f"{i} is not a token id (0..{vocab - 1})"}
@@ -304,4 +303,4 @@ class LMService:
         ]
         if bad:
             raise ApiError(422, "invalid_request", f"ids must be between 0 and {vocab - 1}", bad[:20])
-        return DetokenizeResponse(text=self.tokenizer.decode(ids))
+        return {"text": self.tokenizer.decode(ids)}

@@ -7,8 +7,10 @@ multiprocess mode). Without that variable (tests, `flask run`) the process regis
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
+from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -63,6 +65,23 @@ def render(count_sessions: Callable[[], int], multiprocess: bool) -> bytes:
     extra = CollectorRegistry()
     extra.register(_SessionsCollector(count_sessions))
     return base + generate_latest(extra)
+
+
+def init_app(app: Flask, *, multiprocess: bool) -> None:
+    """Count and time every request. `multiprocess`: PROMETHEUS_MULTIPROC_DIR is set (gunicorn)."""
+    app.config["METRICS_MULTIPROCESS"] = multiprocess
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _record(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+        if "started" in g:
+            LATENCY.labels(endpoint).observe(time.perf_counter() - g.started)
+        return response
 
 
 for _kind in ("unavailable", "corrupt_state", "metrics"):

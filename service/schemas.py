@@ -25,6 +25,19 @@ class Limits:
     max_logprobs: int
     max_detokenize_ids: int
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        """The caps a request is validated against, from service.settings.Settings."""
+        return cls(
+            max_prompt_chars=settings.max_prompt_chars,
+            max_tokens=settings.max_tokens_limit,
+            max_top_n=settings.max_top_n,
+            max_stop_sequences=settings.max_stop_sequences,
+            max_stop_chars=settings.max_stop_chars,
+            max_logprobs=settings.max_logprobs,
+            max_detokenize_ids=settings.max_detokenize_ids,
+        )
+
 
 def _limits(info: ValidationInfo) -> Limits | None:
     return (info.context or {}).get("limits")

@@ -6,6 +6,7 @@ Everything else receives a Settings object (or values from it) as constructor ar
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -38,6 +39,7 @@ ENV_VARS = {
     "WEB_CONCURRENCY": "workers",
     "GUNICORN_THREADS": "threads",
     "PROMETHEUS_MULTIPROC_DIR": "metrics_dir",
+    "REPLICA_NAME": "replica_name",
 }
 
 
@@ -61,10 +63,7 @@ class Settings(BaseModel):
     max_logprobs: int = Field(20, ge=0)
     max_detokenize_ids: int = Field(100_000, ge=1)
     torch_threads: int = Field(0, ge=0)  # 0: cores / workers
-    # numpy's OpenBLAS (the decode step): its threads busy-wait, and a 2-thread GEMV measured 10x+
-    # slower whenever anything else wanted the cores (other workers, request threads, prefill).
-    # One thread per worker, and as many workers as cores, is the layout that stays fast.
-    blas_threads: int = Field(1, ge=1)
+    blas_threads: int = Field(0, ge=0)  # numpy's OpenBLAS (the decode step); 0: cores / workers
     quantize: Literal["none", "int8"] = "none"
     batching: bool = True  # continuous batching of concurrent generations in a worker
     max_batch: int = Field(64, ge=1)
@@ -73,6 +72,10 @@ class Settings(BaseModel):
     workers: int = Field(1, ge=1)
     threads: int = Field(32, ge=1)
     metrics_dir: str | None = None  # prometheus_client's multiprocess directory (gunicorn.conf.py sets it)
+    replica_name: str | None = None  # the X-Replica header; None: host name and port
+
+    def replica(self) -> str:
+        return self.replica_name or f"{socket.gethostname()}:{self.port}"
 
     @field_validator("redis_url")
     @classmethod
@@ -105,8 +108,14 @@ class Settings(BaseModel):
                 "Set REDIS_URL (e.g. redis://localhost:6379/0), or run one worker."
             )
 
-    def effective_torch_threads(self, cpu_count: int | None = None) -> int:
-        """Threads per worker so that all workers together use the machine's cores once."""
-        if self.torch_threads:
-            return self.torch_threads
+    def _per_worker(self, cpu_count: int | None) -> int:
+        """Cores / workers: all workers together use the machine's cores once."""
         return max(1, (cpu_count or os.cpu_count() or 1) // self.workers)
+
+    def effective_torch_threads(self, cpu_count: int | None = None) -> int:
+        """torch threads per worker (prefill, scoring)."""
+        return self.torch_threads or self._per_worker(cpu_count)
+
+    def effective_blas_threads(self, cpu_count: int | None = None) -> int:
+        """OpenBLAS threads per worker (the decode step)."""
+        return self.blas_threads or self._per_worker(cpu_count)

@@ -26,7 +26,6 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 MAGIC = b"LSTM"
 CODEC_VERSION = 2
@@ -48,9 +47,9 @@ class StateDecodeError(ValueError):
 
 @dataclass
 class SessionState:
-    """One session: its flattened LSTM state (1, S) and bookkeeping."""
+    """One session: its LSTM state as flat float32 rows (1, S) (model.engine's format) and bookkeeping."""
 
-    state: torch.Tensor  # (1, S) float32
+    rows: np.ndarray  # (1, S) float32
     tokens: int
     version: int
     created_at: float
@@ -58,23 +57,23 @@ class SessionState:
 
 
 def encode_state(session: SessionState, fingerprint: str) -> bytes:
-    flat = session.state.detach().to(torch.float32).contiguous()
-    if flat.dim() != 2 or flat.size(0) != 1:
-        raise ValueError(f"expected a (1, S) state, got {tuple(flat.shape)}")
+    flat = np.asarray(session.rows, dtype="<f4")
+    if flat.ndim != 2 or flat.shape[0] != 1:
+        raise ValueError(f"expected (1, S) state rows, got {flat.shape}")
     header = HEADER.pack(
         MAGIC,
         CODEC_VERSION,
         DTYPE_FLOAT32,
         0,
         1,
-        flat.size(1),
+        flat.shape[1],
         bytes.fromhex(fingerprint[:16]),
         session.tokens,
         session.version,
         session.created_at,
         session.updated_at,
     )
-    return header + flat.numpy().astype("<f4", copy=False).tobytes()
+    return header + flat.tobytes()
 
 
 def version_bytes(version: int) -> bytes:
@@ -102,4 +101,4 @@ def decode_state(blob: bytes, fingerprint: str, expected_columns: int) -> Sessio
     array = np.frombuffer(payload, dtype="<f4").reshape(rows, cols).copy()
     if not np.isfinite(array).all():
         raise StateDecodeError("state holds NaN or infinite values")
-    return SessionState(torch.from_numpy(array), tokens, version, created, updated)
+    return SessionState(array, tokens, version, created, updated)

@@ -77,7 +77,7 @@ def test_primed_session_equals_prompt(client: FlaskClient) -> None:
 def reference_next(client: FlaskClient, ids: list[int]) -> list[float]:
     """Log-probabilities after exactly these token ids, computed directly with the engine."""
     engine = client.application.extensions["lm_service"].engine
-    return engine.log_probs(engine.prefill(ids, engine.start_state()))[0].tolist()  # type: ignore[no-any-return]
+    return engine.log_probs(engine.prefill(ids, engine.start()))[0].tolist()  # type: ignore[no-any-return]
 
 
 def peek(client: FlaskClient, sid: str) -> list[float]:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
-import torch
 
 from model import LanguageModel
 from model.engine import Engine
@@ -12,7 +12,7 @@ from model.sampling import SamplingParams
 def run(lm: LanguageModel, prompt: str, **kw: object) -> tuple[list[TokenEvent], Finished, Engine]:
     engine = Engine(lm.model)
     ids = lm.tokenizer.encode(prompt)
-    state = engine.prefill(ids, engine.start_state())
+    state = engine.prefill(ids, engine.start())
     items = list(generate(engine, lm.tokenizer, state, GenerationParams(**kw), ids))  # type: ignore[arg-type]
     finished = items[-1]
     assert isinstance(finished, Finished)
@@ -36,14 +36,14 @@ def test_seed_reproduces(any_lm: LanguageModel) -> None:
 
 def test_greedy_is_argmax_chain(char_lm: LanguageModel) -> None:
     _, fin, engine = run(char_lm, "The ", max_tokens=15, sampling=SamplingParams(temperature=0))
-    state = engine.prefill(char_lm.tokenizer.encode("The "), engine.start_state())
+    state = engine.prefill(char_lm.tokenizer.encode("The "), engine.start())
     out = []
     for _ in range(15):
         logits = engine.logits(state)[0]
-        logits[:2] = float("-inf")
-        token = int(torch.argmax(logits))
+        logits[:2] = -np.inf
+        token = int(np.argmax(logits))
         out.append(token)
-        state = engine.step([token], state)
+        state = engine.step(np.array([token]), state)
     assert fin.text == char_lm.tokenizer.decode(out)
 
 
@@ -57,8 +57,8 @@ def test_stop_string_excluded_from_text_and_state(char_lm: LanguageModel) -> Non
     assert stop not in fin.text
     assert "".join(e.text for e in events) == fin.text
     assert fin.completion_tokens == len(fin.text)
-    state = engine.prefill(char_lm.tokenizer.encode("First" + fin.text), engine.start_state())
-    assert (engine.log_probs(state) - engine.log_probs(fin.state)).abs().max() <= 1e-4
+    state = engine.prefill(char_lm.tokenizer.encode("First" + fin.text), engine.start())
+    assert np.abs(engine.log_probs(state) - engine.log_probs(fin.rows)).max() <= 1e-4
 
 
 def test_stop_string_cutting_a_subword(sp_lm: LanguageModel) -> None:
@@ -73,8 +73,8 @@ def test_stop_string_cutting_a_subword(sp_lm: LanguageModel) -> None:
     kept = [e.id for e in events if e.id is not None]
     partial = "".join(e.text for e in events if e.id is None)
     ids = sp_lm.tokenizer.encode("First") + kept + sp_lm.tokenizer.encode(partial)
-    state = engine.prefill(ids, engine.start_state())
-    assert (engine.log_probs(state) - engine.log_probs(fin.state)).abs().max() <= 1e-4
+    state = engine.prefill(ids, engine.start())
+    assert np.abs(engine.log_probs(state) - engine.log_probs(fin.rows)).max() <= 1e-4
     assert fin.completion_tokens == len(kept) + len(sp_lm.tokenizer.encode(partial))
 
 

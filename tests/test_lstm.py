@@ -94,59 +94,72 @@ def test_engine_step_matches_nn_lstm(tie: bool) -> None:
     engine = Engine(model)
     ids = torch.randint(2, 50, (3, 30))
     with torch.no_grad():
-        reference, _ = model(ids, engine.start_state(3))
-    ref_logp = torch.log_softmax(reference, dim=-1)
-    state = engine.start_state(3)
+        start = unflatten_state(torch.from_numpy(engine.start(3)), model.config)
+        reference, _ = model(ids, start)
+    ref_logp = torch.log_softmax(reference.double(), dim=-1).numpy()
+    rows = engine.start(3)
     worst = 0.0
     for t in range(ids.size(1)):
-        state = engine.step(ids[:, t], state)
-        worst = max(worst, (engine.log_probs(state) - ref_logp[:, t]).abs().max().item())
+        rows = engine.step(ids[:, t].numpy(), rows)
+        worst = max(worst, float(np.abs(engine.log_probs(rows) - ref_logp[:, t]).max()))
     assert worst <= 1e-4
 
 
 @pytest.mark.parametrize("n", [1, SHORT_PREFILL - 1, SHORT_PREFILL, 120])
 def test_engine_prefill_matches_steps(n: int) -> None:
-    """Short prompts go through fused steps, long ones through one nn.LSTM call: same result."""
+    """Short prompts go through fused steps, long ones through nn.LSTM calls: same result."""
     model = make_model()
     engine = Engine(model)
     ids = [2 + (i * 7) % 48 for i in range(n)]
-    a = engine.prefill(ids, engine.start_state())
-    b = engine.start_state()
+    a = engine.prefill(ids, engine.start())
+    b = engine.start()
     for i in ids:
-        b = engine.step([i], b)
+        b = engine.step(np.array([i]), b)
     with torch.no_grad():
-        c = model.hidden(torch.tensor([ids]), engine.start_state())[1]  # always the whole-sequence path
-    assert (engine.log_probs(a) - engine.log_probs(b)).abs().max().item() <= 1e-4
-    assert (engine.log_probs(a) - engine.log_probs(c)).abs().max().item() <= 1e-4
+        start = unflatten_state(torch.from_numpy(engine.start()), model.config)
+        c = flatten_state(model.hidden(torch.tensor([ids]), start)[1]).numpy()  # always the whole-sequence path
+    assert np.abs(engine.log_probs(a) - engine.log_probs(b)).max() <= 1e-4
+    assert np.abs(engine.log_probs(a) - engine.log_probs(c)).max() <= 1e-4
+
+
+def test_windowed_prefill_and_score_are_bit_identical_to_one_call() -> None:
+    """Long texts go through nn.LSTM in windows carrying the state (bounded memory): the rows and
+    the scores must be exactly those of a single call over the whole text."""
+    model = make_model()
+    ids = [2 + (i * 13) % 48 for i in range(700)]
+    whole, windowed = Engine(model, window=100_000), Engine(model, window=128)
+    start = whole.start()
+    assert np.array_equal(whole.prefill(ids, start), windowed.prefill(ids, start))
+    (s1, r1), (s2, r2) = whole.score(ids, start), windowed.score(ids, start)
+    assert np.array_equal(s1, s2) and np.array_equal(r1, r2)
 
 
 def test_rows_stepped_together_equal_each_alone() -> None:
     engine = Engine(make_model())
-    r1 = engine.rows(engine.prefill([5, 6, 7], engine.start_state()))
-    r2 = engine.rows(engine.prefill([9], engine.start_state()))
+    r1 = engine.prefill([5, 6, 7], engine.start())
+    r2 = engine.prefill([9], engine.start())
     before = np.concatenate([r1, r2])
     kept = before.copy()
-    batched = engine.step_rows(np.array([3, 4]), before)
-    alone = engine.step_rows(np.array([4]), r2)
-    assert np.abs(engine.logits_rows(batched[1:]) - engine.logits_rows(alone)).max() <= 1e-5
-    assert batched.shape == (2, state_size(engine.config))
+    batched = engine.step(np.array([3, 4]), before)
+    alone = engine.step(np.array([4]), r2)
+    assert np.abs(engine.logits(batched[1:]) - engine.logits(alone)).max() <= 1e-5
+    assert batched.shape == (2, engine.state_size) == (2, state_size(engine.config))
     assert np.array_equal(before, kept)  # the input rows are not modified
-    assert np.array_equal(engine.rows(engine.state_of(batched)), batched)
 
 
 def test_engine_score_matches_token_by_token() -> None:
     model = make_model()
     engine = Engine(model)
     ids = [5, 9, 2, 33, 17, 8]
-    state = engine.prefill([3, 4], engine.start_state())
-    scores, after = engine.score(ids, state)
+    rows = engine.prefill([3, 4], engine.start())
+    scores, after = engine.score(ids, rows)
     expected = []
-    st = state
+    st = rows
     for i in ids:
         expected.append(float(engine.log_probs(st)[0, i]))
-        st = engine.step([i], st)
-    assert torch.allclose(scores, torch.tensor(expected), atol=1e-5)
-    assert (engine.log_probs(after) - engine.log_probs(st)).abs().max() <= 1e-4
+        st = engine.step(np.array([i]), st)
+    assert np.allclose(scores, expected, atol=1e-5)
+    assert np.abs(engine.log_probs(after) - engine.log_probs(st)).max() <= 1e-4
 
 
 def test_greedy_steps_follow_nn_lstm_argmax() -> None:

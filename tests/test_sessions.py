@@ -6,7 +6,7 @@ import logging
 import time
 
 import pytest
-import torch
+import numpy as np
 
 from service.sessions import CasResult, MemorySessionStore, RedisSessionStore, SessionStore
 from service.state_codec import HEADER_SIZE, SessionState, StateDecodeError, decode_state, encode_state
@@ -19,7 +19,7 @@ FP = "0123456789abcdef"
 
 def blob(version: int, tokens: int = 3, cols: int = 8) -> bytes:
     return encode_state(
-        SessionState(torch.arange(cols, dtype=torch.float32).view(1, -1), tokens, version, 1.0, 2.0), FP
+        SessionState(np.arange(cols, dtype=np.float32).reshape(1, -1), tokens, version, 1.0, 2.0), FP
     )
 
 
@@ -28,7 +28,7 @@ def test_codec_round_trip() -> None:
     assert len(data) == HEADER_SIZE + 8 * 4
     back = decode_state(data, FP, 8)
     assert back.tokens == 42 and back.version == 7 and (back.created_at, back.updated_at) == (1.0, 2.0)
-    assert torch.equal(back.state, torch.arange(8, dtype=torch.float32).view(1, -1))
+    assert np.array_equal(back.rows, np.arange(8, dtype=np.float32).reshape(1, -1))
     assert b"pickle" not in data and data[:4] == b"LSTM"
 
 

@@ -19,7 +19,7 @@ def _events(chunk: bytes) -> list[dict[str, Any]]:
 
 def test_cached_token_events_are_exact_json(any_lm: LanguageModel) -> None:
     tok = any_lm.tokenizer
-    enc = SSEEncoder(tok.vocab_size, tok.token_text, tok.token_text)
+    enc = SSEEncoder(tok.texts, tok.texts)
     ids = list(range(2, tok.vocab_size))
     got = _events(enc.tokens(TokenEvent(tok.token_text(i), i) for i in ids))
     assert got == [{"token": tok.token_text(i), "id": i} for i in ids]
@@ -27,7 +27,7 @@ def test_cached_token_events_are_exact_json(any_lm: LanguageModel) -> None:
 
 def test_unusual_tokens_logprobs_and_cut_pieces() -> None:
     texts = {2: "\n", 3: '"', 4: "\\", 5: "\x00", 6: "日", 7: "😀", 8: "e\u0301"}
-    enc = SSEEncoder(9, lambda i: texts.get(i, "?"), lambda i: f"<{i}>")
+    enc = SSEEncoder([texts.get(i, "?") for i in range(9)], [f"<{i}>" for i in range(9)])
     events = [
         TokenEvent("\n", 2),
         TokenEvent('"', 3, logprob=-0.5, top=[(3, -0.5), (4, -1.5)]),
@@ -47,10 +47,10 @@ def test_unusual_tokens_logprobs_and_cut_pieces() -> None:
 
 
 def test_final_and_error_events() -> None:
-    enc = SSEEncoder(3, str, str)
+    enc = SSEEncoder(["", "?", "a"], ["<s>", "<unk>", "a"])
     usage = Usage(prompt_tokens=1, completion_tokens=2, session_tokens=3)
     final = StreamFinal(finish_reason="stop", session_id=None, seed=7, usage=usage, unknown_chars=0, text="ab")
-    (event,) = _events(enc.final(final))
+    (event,) = _events(enc.final(final.model_dump(mode="json")))
     assert event["finish_reason"] == "stop" and event["usage"]["session_tokens"] == 3 and event["text"] == "ab"
     (error,) = _events(enc.final(ApiError(409, "session_conflict", "changed", None)))
     assert error == {"error": {"code": "session_conflict", "message": "changed", "details": None}}

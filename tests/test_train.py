@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,9 +20,9 @@ def _cfg(corpus: Path, out: Path, **kw: object) -> TrainConfig:
 def test_resume_matches_uninterrupted_run(tiny_corpus: Path, tmp_path: Path) -> None:
     full = train(_cfg(tiny_corpus, tmp_path / "full"), progress=False)
     # the same run, stopped after a few steps and resumed twice
-    train(_cfg(tiny_corpus, tmp_path / "split", max_steps=30), progress=False, max_minutes=1e-9)
+    train(_cfg(tiny_corpus, tmp_path / "split", max_steps=30, max_minutes=1e-9), progress=False)
     cfg = _cfg(tiny_corpus, tmp_path / "split")
-    first = train(cfg, resume=True, progress=False, max_minutes=1e-9)
+    first = train(replace(cfg, max_minutes=1e-9), resume=True, progress=False)
     assert 0 < first.steps < 30
     resumed = train(cfg, resume=True, progress=False)
     assert resumed.steps == full.steps == 30
