@@ -13,11 +13,14 @@ from model.sampling import (
 )
 
 
-def sample_token(logits: object, params: SamplingParams, generator: torch.Generator | None, context: object = ()) -> int:
+def sample_token(
+    logits: object, params: SamplingParams, generator: torch.Generator | None, context: object = ()
+) -> int:
     """One row through sample_rows, drawing one uniform from `generator` unless greedy."""
     raw = np.asarray(logits.numpy() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
     u = 0.0 if params.temperature == 0.0 else float(torch.rand(1, generator=generator, dtype=torch.float64))
     return sample_rows(raw[None, :], [params], [u], [context])[0]  # type: ignore[list-item]
+
 
 LOGITS = torch.tensor([5.0, 5.0, 1.0, 3.0, 2.0, -1.0])  # ids 0 (<s>) and 1 (<unk>) are never emitted
 

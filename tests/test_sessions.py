@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-import pytest
 import numpy as np
+import pytest
 
 from service.sessions import CasResult, MemorySessionStore, RedisSessionStore, SessionStore
 from service.state_codec import HEADER_SIZE, SessionState, StateDecodeError, decode_state, encode_state
@@ -18,9 +18,7 @@ FP = "0123456789abcdef"
 
 
 def blob(version: int, tokens: int = 3, cols: int = 8) -> bytes:
-    return encode_state(
-        SessionState(np.arange(cols, dtype=np.float32).reshape(1, -1), tokens, version, 1.0, 2.0), FP
-    )
+    return encode_state(SessionState(np.arange(cols, dtype=np.float32).reshape(1, -1), tokens, version, 1.0, 2.0), FP)
 
 
 def test_codec_round_trip() -> None:
