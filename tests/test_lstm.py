@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from model import BOS_ID
 from model.engine import SHORT_PREFILL, Engine, greedy_steps
@@ -172,3 +173,52 @@ def test_greedy_steps_follow_nn_lstm_argmax() -> None:
             logits, _ = model(torch.tensor([ids]), None)
             ids.append(int(logits[0, -1].argmax()))
     assert tokens == ids[2:]
+
+
+class _PlainLSTM(nn.Module):
+    """A textbook char-LSTM: embedding, dropout, one multi-layer nn.LSTM with dropout between
+    layers, dropout, linear (the shape of ../shared/reference's script)."""
+
+    def __init__(self, vocab: int, embed: int, hidden: int, layers: int, p: float):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, embed)
+        self.rnn = nn.LSTM(embed, hidden, layers, dropout=p, batch_first=True)
+        self.drop = nn.Dropout(p)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(self.drop(self.emb(x)))
+        return self.out(self.drop(y))  # type: ignore[no-any-return]
+
+
+def test_ordinary_dropout_model_trains_exactly_like_a_plain_multilayer_lstm() -> None:
+    """With the same weights and the same RNG, our per-layer model with --dropout-mode ordinary
+    follows the plain nn.LSTM model step for step: the model is not where a training gap hides."""
+    torch.manual_seed(0)
+    plain = _PlainLSTM(30, 12, 24, 2, 0.25)
+    ours = make_model(
+        vocab_size=30, embed_dim=12, hidden_size=24, num_layers=2, weight_drop=0.0, dropout_mode="ordinary",
+        dropout_input=0.25, dropout_hidden=0.25, dropout_output=0.25,
+    ).train()  # fmt: skip
+    with torch.no_grad():
+        ours.embedding.weight.copy_(plain.emb.weight)
+        ours.decoder.weight.copy_(plain.out.weight)
+        ours.decoder.bias.copy_(plain.out.bias)
+        for layer in range(2):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(ours.layers[layer], f"{name}_l0").copy_(getattr(plain.rnn, f"{name}_l{layer}"))
+    models = (plain, ours)
+    optims = [torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.01) for m in models]
+    x = torch.randint(0, 30, (4, 17))
+    for step in range(4):
+        losses = []
+        for m, opt in zip(models, optims):
+            torch.manual_seed(100 + step)  # the same dropout masks for both
+            out = m(x[:, :-1])
+            logits = out[0] if isinstance(out, tuple) else out
+            loss = nn.functional.cross_entropy(logits.reshape(-1, 30), x[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6)
