@@ -128,6 +128,7 @@ def test_stream_over_http(server: Gunicorn) -> None:
 def test_abandoned_stream_stops_and_leaves_session_unchanged(server: Gunicorn) -> None:
     sid = post(server, "/sessions", {"text": "HAMLET:\n"}).json()["session_id"]
     r = post(server, "/generate", {"session_id": sid, "max_tokens": 200000, "stream": True}, stream=True)
+    worker = int(r.headers["X-Worker-Pid"])
     lines = r.iter_lines()
     got = [next(lines) for _ in range(6)]
     assert any(line.startswith(b"data: ") for line in got)
@@ -140,7 +141,21 @@ def test_abandoned_stream_stops_and_leaves_session_unchanged(server: Gunicorn) -
 
     wait_until(ticks_settled, 20, "the scheduler to stop stepping the abandoned stream")
     assert tokens(server, sid) == len("HAMLET:\n")  # nothing of the abandoned request was saved
-    assert metric(server, "lstm_batch_size_count") < 200000
+    # New generations on the abandoned stream's worker (the other one paused, so it takes every
+    # connection) must run alone: every tick a batch of one, so the tick count and the sum of
+    # batch sizes grow by the same amount. A sequence left in the batch would make them differ.
+    ticks, rows = metric(server, "lstm_batch_size_count"), metric(server, "lstm_batch_size_sum")
+    other = next(pid for pid in server.worker_pids() if pid != worker)
+    os.kill(other, signal.SIGSTOP)
+    try:
+        for seed in range(3):
+            done = post(server, "/generate", {"prompt": "A", "max_tokens": 20, "seed": seed})
+            assert done.status_code == 200 and int(done.headers["X-Worker-Pid"]) == worker
+    finally:
+        os.kill(other, signal.SIGCONT)
+    added_ticks = metric(server, "lstm_batch_size_count") - ticks
+    assert added_ticks == 3 * 20
+    assert metric(server, "lstm_batch_size_sum") - rows == added_ticks
 
 
 def test_metrics_aggregate_workers(server: Gunicorn) -> None:
