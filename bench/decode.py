@@ -17,8 +17,10 @@ import torch
 
 from model import LanguageModel, load
 from model.engine import Engine, greedy_steps
+from model.generation import Decoder, GenerationParams, start_decoders, step_decoders
 from model.lstm import lstm_weights
 from model.quantize import quantize_int8
+from model.sampling import SamplingParams
 
 from .common import DEFAULT_CHECKPOINT, median_time, save, set_threads, table
 
@@ -46,6 +48,24 @@ def batched_rate(engine: Engine, batch: int, steps: int) -> float:
             engine.logits(rows)
 
     return batch * steps / median_time(go, 3)
+
+
+def scheduler_rate(engine: Engine, lm: LanguageModel, rows: int, ticks: int) -> float:
+    """Aggregate tokens/s of the service's tick in process: `rows` sampling decoders (temperature
+    0.8, each with its own seed) advanced together by step_decoders, the function the scheduler
+    calls, with no HTTP and no threads."""
+
+    def go() -> None:
+        params = [
+            GenerationParams(max_tokens=ticks, sampling=SamplingParams(temperature=0.8), seed=i) for i in range(rows)
+        ]
+        decoders = [Decoder(engine, lm.tokenizer, engine.start(), p) for p in params]
+        start_decoders(engine, decoders)
+        state = None
+        for _ in range(ticks):
+            state = step_decoders(engine, decoders, state)
+
+    return rows * ticks / median_time(go, 3)
 
 
 class TorchFused:
@@ -114,6 +134,7 @@ def run(checkpoint: Path, tokens: int, threads: int, int8: bool = True) -> dict[
     rates["fused step in torch (addmm)"] = tokens / median_time(lambda: fused_torch.run(tokens), 3)
     rates["engine (fused numpy step)"] = tokens / median_time(lambda: greedy_steps(engine, tokens), 3)
     batches = {b: batched_rate(engine, b, max(20, tokens // (4 * b))) for b in (1, 8, 32, 64)}
+    scheduler = {b: scheduler_rate(engine, lm, b, max(20, tokens // (4 * b))) for b in (1, 32)}
     set_threads(1)  # what one service worker gets (BLAS_THREADS=1, one worker per core)
     rates["engine, 1 thread (one service worker)"] = tokens / median_time(lambda: greedy_steps(engine, tokens), 3)
     set_threads(threads)
@@ -135,6 +156,7 @@ def run(checkpoint: Path, tokens: int, threads: int, int8: bool = True) -> dict[
         "bound_tokens_per_second": bound,
         "engine_vs_naive": engine_rate / naive_rate,
         "batched_tokens_per_second": batches,
+        "scheduler_tokens_per_second": scheduler,
         "engine_vs_bound": engine_rate / bound,
     }
 
@@ -158,6 +180,11 @@ def report(r: dict[str, Any]) -> str:
     batches = {int(b): v for b, v in r["batched_tokens_per_second"].items()}
     rows = [[b, v, f"{v / batches[1]:.1f}x"] for b, v in batches.items()]
     text += "\n\n" + table(["sequences stepped together", "aggregate tokens/s", "vs batch 1"], rows)
+    sched = {int(b): v for b, v in r["scheduler_tokens_per_second"].items()}
+    text += "\n\n" + table(
+        ["scheduler tick in process (with sampling)", "aggregate tokens/s"],
+        [[f"{b} rows", v] for b, v in sched.items()],
+    )
     return text
 
 

@@ -2,8 +2,10 @@
 
 - continuation cost: /next on a session holding 10 tokens vs 10,000 tokens, vs a stateless
   request that re-sends the 10,000 tokens;
-- load: 1, 8, 32, 64 concurrent clients streaming /generate, each continuing its own session:
-  aggregate tokens/s, p50/p99 time per token and per request, errors;
+- one worker with default settings: batch-1 /generate over HTTP, and the latency of short
+  requests (/generate of 10 tokens, /next on a session) against /health;
+- load (WORKERS workers): 1, 8, 32, 64 concurrent clients streaming /generate, each continuing
+  its own session: aggregate tokens/s, time to the first token, time per request, errors;
 - memory: RSS per worker, Redis bytes per session.
 
     python -m bench.service [--checkpoint DIR] [--workers 1] [--clients 1,8,32,64] [--seconds 20]
@@ -16,14 +18,14 @@ import http.client
 import json
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from .common import DEFAULT_CHECKPOINT, ROOT, percentile, save, table
+from .common import DEFAULT_CHECKPOINT, ROOT, save, table
+from .load import run_load
 from servers import Gunicorn, RedisServer  # noqa: I001 - on sys.path via .common
 
 
@@ -62,99 +64,6 @@ def continuation(base: str, repeats: int = 50) -> dict[str, Any]:
     }
 
 
-class _Client(threading.Thread):
-    """One streaming client: keeps a session, asks for `max_tokens` per request, until told to stop."""
-
-    def __init__(self, port: int, max_tokens: int, seed: int, stop: threading.Event):
-        super().__init__(daemon=True)
-        self.port, self.max_tokens, self.seed, self.stop_event = port, max_tokens, seed, stop
-        self.token_times: list[float] = []  # arrival time of each token
-        self.gaps: list[float] = []  # time between consecutive tokens of one request
-        self.requests: list[tuple[float, float, int]] = []  # (start, end, tokens)
-        self.errors = 0
-
-    def run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        conn.request("POST", "/sessions", json.dumps({"text": "ROMEO:\n"}), {"Content-Type": "application/json"})
-        session_id = json.loads(conn.getresponse().read())["session_id"]
-        n = 0
-        while not self.stop_event.is_set():
-            body = {
-                "session_id": session_id,
-                "max_tokens": self.max_tokens,
-                "stream": True,
-                "temperature": 0.8,
-                "seed": self.seed * 100_000 + n,
-            }
-            n += 1
-            start = last = time.perf_counter()
-            tokens = 0
-            try:
-                # a connection per request, as separate clients would open: a kept-alive connection
-                # stays with whichever worker accepted it first, which measured lopsided (one worker
-                # serving all 8 clients while the other idled); a fresh one goes to a free worker
-                conn.close()
-                conn.request("POST", "/generate", json.dumps(body), {"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                if resp.status != 200:
-                    resp.read()
-                    self.errors += 1
-                    continue
-                while True:
-                    line = resp.readline()
-                    if not line:
-                        break
-                    if not line.startswith(b"data: "):
-                        continue
-                    now = time.perf_counter()
-                    # a token event is counted without parsing it: this client shares the CPU
-                    # with the server it measures, so it spends as little as it can
-                    if line.startswith(b'data: {"token"'):
-                        tokens += 1
-                        self.token_times.append(now)
-                        if tokens > 1:
-                            self.gaps.append(now - last)
-                        last = now
-                        continue
-                    if "error" in json.loads(line[6:]):
-                        self.errors += 1
-                    break  # the final event (or an error) ends the stream
-                resp.read()
-                self.requests.append((start, time.perf_counter(), tokens))
-            except (OSError, http.client.HTTPException, ValueError):
-                self.errors += 1
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        conn.close()
-
-
-def load(port: int, clients: int, seconds: float, max_tokens: int, warmup: float = 2.0) -> dict[str, Any]:
-    stop = threading.Event()
-    pool = [_Client(port, max_tokens, i, stop) for i in range(clients)]
-    for c in pool:
-        c.start()
-    time.sleep(warmup)
-    window_start = time.perf_counter()
-    time.sleep(seconds)
-    window_end = time.perf_counter()
-    stop.set()
-    for c in pool:
-        c.join(timeout=120)
-    in_window = sum(1 for c in pool for t in c.token_times if window_start <= t < window_end)
-    gaps = [g for c in pool for g in c.gaps]
-    durations = [end - start for c in pool for start, end, _ in c.requests if start >= window_start]
-    return {
-        "clients": clients,
-        "aggregate_tokens_per_second": in_window / (window_end - window_start),
-        "per_token_ms_p50": 1000 * percentile(gaps, 50),
-        "per_token_ms_p99": 1000 * percentile(gaps, 99),
-        "per_request_s_p50": percentile(durations, 50),
-        "per_request_s_p99": percentile(durations, 99),
-        "requests": len(durations),
-        "errors": sum(c.errors for c in pool),
-    }
-
-
 def memory(server: Gunicorn, redis: RedisServer) -> dict[str, Any]:
     rss = {}
     for pid in server.worker_pids():
@@ -171,40 +80,99 @@ def memory(server: Gunicorn, redis: RedisServer) -> dict[str, Any]:
     }
 
 
-def run(checkpoint: Path, workers: int, clients: list[int], seconds: float, max_tokens: int) -> dict[str, Any]:
+def _median_ms(conn: http.client.HTTPConnection, method: str, path: str, body: dict[str, Any] | None, n: int) -> float:
+    """Median wall time of n sequential requests on one kept-alive connection."""
+    payload = None if body is None else json.dumps(body)
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    times = []
+    for _ in range(n + 10):  # the first ten warm up
+        start = time.perf_counter()
+        conn.request(method, path, payload, headers)
+        resp = conn.getresponse()
+        resp.read()
+        times.append(time.perf_counter() - start)
+        if resp.status >= 400:
+            raise RuntimeError(f"{method} {path}: HTTP {resp.status}")
+    return 1000 * statistics.median(times[10:])
+
+
+def single_worker(base: str, port: int, tokens: int) -> dict[str, Any]:
+    """One worker with default settings: batch-1 rate over HTTP, and short-request latencies."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    body = {"prompt": "ROMEO:\n", "max_tokens": tokens, "temperature": 1.0}
+    gen_ms = _median_ms(conn, "POST", "/generate", body, 5)
+    sid = _post(base, "/sessions", {"text": "ROMEO:\n"})["session_id"]
+    short = {
+        "health_ms": _median_ms(conn, "GET", "/health", None, 300),
+        "generate_10_tokens_ms": _median_ms(conn, "POST", "/generate", {"prompt": "ROMEO:", "max_tokens": 10}, 300),
+        "next_session_ms": _median_ms(conn, "POST", "/next", {"session_id": sid, "text": "a"}, 300),
+    }
+    conn.close()
+    stream = run_load(port, 1, 10, tokens, warmup=1.0)
+    return {
+        "generate_tokens": tokens,
+        "generate_tokens_per_second": tokens / (gen_ms / 1000),
+        "stream_tokens_per_second": stream["aggregate_tokens_per_second"],
+        **short,
+        "continuation": continuation(base),
+    }
+
+
+def run(
+    checkpoint: Path, workers: int, clients: list[int], seconds: float, max_tokens: int, batch1_tokens: int = 2000
+) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="lstm-bench-"))
     redis = RedisServer(tmp)
-    env = {
-        "MODEL_DIR": str(checkpoint),
-        "REDIS_URL": redis.url,
-        "WEB_CONCURRENCY": str(workers),
-        "GUNICORN_THREADS": str(max(clients) + 8),
-        "LOG_LEVEL": "WARNING",
-        "MAX_BATCH": "64",
-    }
-    server = Gunicorn(env, tmp / "gunicorn.log")
+    base_env = {"MODEL_DIR": str(checkpoint), "REDIS_URL": redis.url, "LOG_LEVEL": "WARNING"}
     try:
-        cont = continuation(server.base)
-        runs = [load(server.port, n, seconds, max_tokens) for n in clients]
-        mem = memory(server, redis)
+        server = Gunicorn({**base_env, "WEB_CONCURRENCY": "1"}, tmp / "gunicorn-1.log")  # default settings
+        try:
+            single = single_worker(server.base, server.port, batch1_tokens)
+        finally:
+            server.stop()
+        env = {**base_env, "WEB_CONCURRENCY": str(workers), "GUNICORN_THREADS": str(max(clients) + 8)}
+        server = Gunicorn(env, tmp / "gunicorn.log")
+        try:
+            runs = [run_load(server.port, n, seconds, max_tokens) for n in clients]
+            mem = memory(server, redis)
+        finally:
+            server.stop()
     finally:
-        server.stop()
         redis.stop()
     return {
         "checkpoint": str(checkpoint),
         "workers": workers,
         "max_tokens": max_tokens,
         "seconds": seconds,
-        "continuation": cont,
+        "single_worker": single,
+        "continuation": single["continuation"],
         "load": runs,
         "memory": mem,
     }
 
 
 def report(r: dict[str, Any], naive_tokens_per_second: float | None = None) -> str:
-    c = r["continuation"]
+    one = r["single_worker"]
     text = table(
-        ["/next (1 new token)", "median ms"],
+        ["one worker, default settings", "figure"],
+        [
+            [
+                f"/generate of {one['generate_tokens']} tokens (temperature 1), tokens/s",
+                one["generate_tokens_per_second"],
+            ],
+            ["the same streamed (SSE), tokens/s", one["stream_tokens_per_second"]],
+            ["GET /health, median ms", one["health_ms"]],
+            ["/generate of 10 tokens, median ms", one["generate_10_tokens_ms"]],
+            ["/next on a session (Redis), median ms", one["next_session_ms"]],
+        ],
+    )
+    text += (
+        f"\n\n/generate of 10 tokens = {one['generate_10_tokens_ms'] / one['health_ms']:.1f}x /health; "
+        f"/next on a session = {one['next_session_ms'] / one['health_ms']:.1f}x /health\n\n"
+    )
+    c = r["continuation"]
+    text += table(
+        ["/next (1 new token, peek)", "median ms"],
         [
             ["session holding 10 tokens", c["session_10_tokens_ms"]],
             ["session holding 10,000 tokens", c["session_10000_tokens_ms"]],
@@ -222,15 +190,15 @@ def report(r: dict[str, Any], naive_tokens_per_second: float | None = None) -> s
         if naive_tokens_per_second:
             row.append(f"{x['aggregate_tokens_per_second'] / naive_tokens_per_second:.1f}x")
         row += [
-            x["per_token_ms_p50"],
-            x["per_token_ms_p99"],
+            x["first_token_ms_p50"],
+            x["first_token_ms_p99"],
             x["per_request_s_p50"],
             x["per_request_s_p99"],
             x["errors"],
         ]
         rows.append(row)
-    headers = ["clients", "tokens/s", "vs 1 client"] + (["vs naive loop"] if naive_tokens_per_second else [])
-    headers += ["ms/token p50", "ms/token p99", "s/request p50", "s/request p99", "errors"]
+    headers = ["streaming clients", "tokens/s", "vs 1 client"] + (["vs naive loop"] if naive_tokens_per_second else [])
+    headers += ["first token ms p50", "first token ms p99", "s/request p50", "s/request p99", "errors"]
     text += table(headers, rows)
     m = r["memory"]
     rss = ", ".join(f"{v:.0f} MB" for v in m["worker_rss_mb"])

@@ -22,6 +22,9 @@ _NEVER = slice(min(NEVER_EMITTED), max(NEVER_EMITTED) + 1)  # ids 0 and 1: a sli
 assert len(range(_NEVER.start, _NEVER.stop)) == len(NEVER_EMITTED)
 
 
+_TINY = 1e-200
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
@@ -79,13 +82,10 @@ def apply_repetition_penalty(logits: np.ndarray, context: Iterable[int], penalty
     return logits
 
 
-def filtered_probs(logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams]) -> np.ndarray:
-    """Logits (V,) or (B, V) -> the probabilities actually sampled from (temperature, top-k, top-p).
-
-    Rows are independent; a row gives the same numbers alone or inside a batch. Filters nobody
-    asked for cost nothing: at batch 1 each numpy call costs more than its arithmetic."""
-    rows = [params] if isinstance(params, SamplingParams) else list(params)
-    x = np.array(logits, dtype=np.float64, ndmin=2)  # a copy: modified in place below
+def _weights(x: np.ndarray, rows: Sequence[SamplingParams]) -> np.ndarray:
+    """Logits (B, V), float64, modified in place -> the unnormalised weights sampled from
+    (temperature, top-k, top-p). Rows are independent: a row gives the same numbers alone or in a
+    batch, and a row nobody filters gets exactly the arithmetic of _sample_plain."""
     # shift before dividing: the best logit becomes 0 and stays 0 at any temperature, so a tiny
     # one (even a denormal) overflows the others harmlessly to -inf instead of making inf - inf
     x -= x.max(axis=1, keepdims=True)
@@ -100,16 +100,47 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams | Sequence[Samplin
         ks = np.array([p.top_k if 0 < p.top_k < vocab else vocab for p in rows])
         kth = -np.sort(-x, axis=1)[np.arange(len(rows)), ks - 1]
         x[x < kth[:, None]] = -np.inf
-    probs = np.exp(x, out=x)
-    probs /= probs.sum(axis=1, keepdims=True)
+    weights = np.exp(x, out=x)
     if any(p.top_p < 1.0 for p in rows):
         top_p = np.array([p.top_p for p in rows])
+        probs = weights / weights.sum(axis=1, keepdims=True)
         order = np.argsort(-probs, axis=1, kind="stable")
         ranked = np.take_along_axis(probs, order, axis=1)
         # keep the smallest prefix whose mass reaches top_p (the first token always survives)
         before = np.cumsum(ranked, axis=1) - ranked
-        np.put_along_axis(probs, order, np.where(before >= top_p[:, None], 0.0, ranked), axis=1)
+        cut = np.zeros_like(weights, dtype=bool)
+        np.put_along_axis(cut, order, before >= top_p[:, None], axis=1)
+        weights[cut] = 0.0
+    return weights
+
+
+def filtered_probs(logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams]) -> np.ndarray:
+    """Logits (V,) or (B, V) -> the probabilities actually sampled from (temperature, top-k, top-p)."""
+    rows = [params] if isinstance(params, SamplingParams) else list(params)
+    weights = _weights(np.array(logits, dtype=np.float64, ndmin=2), rows)
+    probs = weights / weights.sum(axis=1, keepdims=True)
     return probs if np.ndim(logits) == 2 else probs[0]
+
+
+def _pick(weights: np.ndarray, cdf: np.ndarray, u: float) -> int:
+    """The token whose bin of the cumulative weights holds u * total (u in [0, 1))."""
+    k = min(int(cdf.searchsorted(u * cdf[-1], side="right")), cdf.size - 1)
+    while weights[k] == 0:  # only a target rounded onto the very end can land on an empty bin
+        k -= 1
+    return k
+
+
+def _sample_plain(x: np.ndarray, temperature: float, u: float) -> int:
+    """One row (V,) with no top-k or top-p: the same arithmetic as _weights, in the fewest numpy
+    calls (at batch 1 a numpy call costs more than its arithmetic)."""
+    x -= x.max()
+    if temperature < _TINY:  # only a near-denormal temperature can overflow (to -inf: harmless)
+        with np.errstate(over="ignore"):
+            x /= temperature
+    else:
+        x /= temperature
+    np.exp(x, out=x)
+    return _pick(x, np.cumsum(x), u)
 
 
 def sample_rows(
@@ -130,17 +161,17 @@ def sample_rows(
         for row, p in enumerate(params):
             if p.repetition_penalty != 1.0:
                 apply_repetition_penalty(x[row], contexts[row], p.repetition_penalty)
+    if len(params) == 1:
+        p = params[0]
+        if p.temperature == 0.0:
+            return [int(x[0].argmax())]
+        if p.top_k == 0 and p.top_p == 1.0:
+            return [_sample_plain(x[0], p.temperature, uniforms[0])]
     out: list[int] = x.argmax(axis=1).tolist()  # greedy rows are done
     sampled = [row for row, p in enumerate(params) if p.temperature != 0.0]
     if sampled:
-        probs = filtered_probs(x if len(sampled) == len(params) else x[sampled], [params[r] for r in sampled])
-        u = np.array([uniforms[r] for r in sampled])
-        cdf = np.cumsum(probs, axis=1)
-        u *= cdf[:, -1]
-        index = np.minimum((cdf <= u[:, None]).sum(axis=1), probs.shape[1] - 1).tolist()
+        weights = _weights(x if len(sampled) == len(params) else x[sampled], [params[r] for r in sampled])
+        cdf = np.cumsum(weights, axis=1)
         for i, row in enumerate(sampled):
-            k = index[i]
-            while probs[i, k] == 0:  # guard against landing on a zero-width bin from rounding
-                k -= 1
-            out[row] = k
+            out[row] = _pick(weights[i], cdf[i], uniforms[row])
     return out
