@@ -180,7 +180,7 @@ def generate() -> Response | tuple[Response, int]:
 )
 def next_token() -> tuple[Response, int]:
     """The distribution of the token after the session's text plus `text`, likeliest first.
-    With `commit` (default) the session advances by `text`; otherwise it is a peek."""
+    By default a peek that changes nothing; with `commit: true` the session advances by `text`."""
     return dump(service().next(parse(NextRequest)))
 
 

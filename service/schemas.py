@@ -115,7 +115,9 @@ class GenerateRequest(SessionRef):
 class NextRequest(SessionRef):
     text: str = Field("", description="text to append before predicting")
     top_n: int = Field(10, ge=0, description="how many likeliest tokens to list; 0 = the whole vocabulary")
-    commit: bool = Field(True, description="advance the session by `text`; false = peek only")
+    commit: bool = Field(
+        False, description="advance the session by `text`; the default, false, is a peek that changes nothing"
+    )
 
     _text = field_validator("text")(_text_cap)
 

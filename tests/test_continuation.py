@@ -57,7 +57,7 @@ def test_next_in_k_requests_equals_one(client: FlaskClient) -> None:
     sid = new_session(client)
     processed = 0
     for part in PARTS:
-        r = client.post("/next", json={"session_id": sid, "text": part, "top_n": 0})
+        r = client.post("/next", json={"session_id": sid, "text": part, "top_n": 0, "commit": True})
         assert r.status_code == 200
         processed += r.get_json()["tokens_processed"]
     chunked = r.get_json()["next"]

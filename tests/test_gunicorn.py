@@ -64,7 +64,7 @@ def test_session_continues_across_workers(server: Gunicorn) -> None:
         paused = workers[i % 2]
         os.kill(paused, signal.SIGSTOP)
         try:
-            r = post(server, "/next", {"session_id": sid, "text": "ab"})
+            r = post(server, "/next", {"session_id": sid, "text": "ab", "commit": True})
         finally:
             os.kill(paused, signal.SIGCONT)
         assert r.status_code == 200
@@ -100,7 +100,7 @@ def test_concurrent_writers_lose_nothing(server: Gunicorn) -> None:
     texts = ["a", "bb", "ccc", "dddd"] * 12
 
     def send(text: str) -> tuple[int, int]:
-        r = post(server, "/next", {"session_id": sid, "text": text})
+        r = post(server, "/next", {"session_id": sid, "text": text, "commit": True})
         if r.status_code == 409:
             assert r.json()["error"]["code"] == "session_conflict"
         return r.status_code, r.json().get("tokens_processed", 0)

@@ -114,7 +114,7 @@ def test_stream_with_session_reports_conflict_in_final_event(make_app: AppFactor
     r = client.post("/generate", json={"session_id": sid, "max_tokens": 40, "stream": True}, buffered=False)
     body = iter(r.response)
     first = next(body)  # generation has started from version 0 ...
-    client.post("/next", json={"session_id": sid, "text": "b"})  # ... and another request commits
+    client.post("/next", json={"session_id": sid, "text": "b", "commit": True})  # ... and another request commits
     events = sse_events(first + b"".join(body))
     assert events[-1]["error"]["code"] == "session_conflict"
     assert client.get(f"/sessions/{sid}").get_json()["tokens"] == 2  # the stream's tokens were not saved

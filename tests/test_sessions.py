@@ -125,12 +125,15 @@ def test_session_lifecycle_over_http(make_app: AppFactory) -> None:
     fork = client.post(f"/sessions/{sid}/fork").get_json()
     assert fork["tokens"] == 7 and fork["session_id"] != sid
     # continuing the fork never changes the original
-    client.post("/next", json={"session_id": fork["session_id"], "text": "But soft"})
+    client.post("/next", json={"session_id": fork["session_id"], "text": "But soft", "commit": True})
     assert client.get(f"/sessions/{fork['session_id']}").get_json()["tokens"] == 15
     assert client.get(f"/sessions/{sid}").get_json()["tokens"] == 7
     a = client.post("/next", json={"session_id": sid, "commit": False}).get_json()["next"]
     b = client.post("/next", json={"text": "ROMEO:\n", "commit": False}).get_json()["next"]
     assert a == b
+    # /next is a peek unless told to commit: the session is unchanged
+    client.post("/next", json={"session_id": sid, "text": "more text"})
+    assert client.get(f"/sessions/{sid}").get_json()["tokens"] == 7
     assert client.delete(f"/sessions/{sid}").status_code == 204
     assert client.get(f"/sessions/{sid}").status_code == 404
 
