@@ -68,6 +68,7 @@ def average_checkpoint(lm: LanguageModel, snapshots: list[Path], out: Path) -> t
         name=lm.name,
         training=training,
         metrics={"validation": result.to_dict(), "step": lm.meta.get("metrics", {}).get("step")},
+        chat_template=lm.chat_template,
     )
     if lm.path is not None and lm.path.resolve() != out.resolve():
         for name in (CURVE_FILE, HISTORY_FILE):  # the run's record travels with its weights

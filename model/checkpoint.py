@@ -1,7 +1,8 @@
 """Checkpoint directories: safetensors weights, a JSON config, the tokenizer. No pickle anywhere.
 
     <dir>/config.json         format, model config, tokenizer kind, training settings, metrics,
-                              and the sha256 of every file below
+                              the chat template (optional, model.chat), and the sha256 of every
+                              file below
     <dir>/model.safetensors   weights
     <dir>/tokenizer.json      character vocabulary      (or tokenizer.model for SentencePiece)
 
@@ -22,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .chat import ChatTemplate, ChatTemplateError
 from .lstm import LSTMLanguageModel, ModelConfig
 from .tokenizer import TOKENIZER_FILES, Tokenizer, TokenizerError, load_tokenizer
 
@@ -45,6 +47,7 @@ class LanguageModel:
     fingerprint: str
     path: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    chat_template: ChatTemplate | None = None  # how /v1/chat/completions renders messages; None: no chat
 
     @property
     def name(self) -> str:
@@ -86,8 +89,10 @@ def save_checkpoint(
     name: str | None = None,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    chat_template: ChatTemplate | None = None,
 ) -> str:
-    """Write a checkpoint directory (files replaced atomically); returns the fingerprint."""
+    """Write a checkpoint directory (files replaced atomically); returns the fingerprint.
+    The chat template is metadata: it is not part of the fingerprint."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights_path = directory / WEIGHTS_FILE
@@ -107,6 +112,8 @@ def save_checkpoint(
         "metrics": metrics or {},
         "files": files,
     }
+    if chat_template is not None:
+        doc["chat_template"] = chat_template.to_dict()
     text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
     _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text, encoding="utf-8"))
     return fingerprint
@@ -185,4 +192,13 @@ def load(directory: Path | str, *, verify: bool = True) -> LanguageModel:
     model.load_state_dict(tensors, strict=not config.tie_weights)
     model.eval()
     fingerprint = compute_fingerprint(weights_sha, tok_sha)
-    return LanguageModel(model, tokenizer, config, fingerprint, directory, doc)
+    return LanguageModel(model, tokenizer, config, fingerprint, directory, doc, _chat_template(directory, doc))
+
+
+def _chat_template(directory: Path, doc: dict[str, Any]) -> ChatTemplate | None:
+    if doc.get("chat_template") is None:
+        return None
+    try:
+        return ChatTemplate.from_dict(doc["chat_template"])
+    except ChatTemplateError as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: bad chat_template: {exc}") from exc

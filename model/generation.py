@@ -16,6 +16,7 @@ last few tokens are kept for this), so the sequence's state always matches the t
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int = 0  # top-N alternatives to report per generated token
+    deadline: float | None = None  # time.monotonic() after which generation ends ("time_limit")
 
     def __post_init__(self) -> None:
         if any(not s for s in self.stop):
@@ -52,7 +54,7 @@ class TokenEvent:
 
 @dataclass
 class Finished:
-    finish_reason: str  # "length" or "stop"
+    finish_reason: str  # "length", "stop" or "time_limit"
     text: str
     completion_tokens: int  # tokens the final state has consumed beyond the prompt
     rows: np.ndarray  # (1, S): the state after the prompt and `text`
@@ -87,6 +89,7 @@ class Decoder:
         self.finished: Finished | None = None
         self.seed = params.seed if params.seed is not None else new_seed()
         self._greedy = params.sampling.temperature == 0.0
+        self._deadline = params.deadline
         self._uniforms = UniformStream(make_generator(self.seed))
         # the text so far as pieces (joined once at the end, never re-copied per token), plus
         # its last few characters: all that stop-string matching needs to look at
@@ -94,6 +97,8 @@ class Decoder:
         self._length = 0
         self._tail = ""
         self._generated: list[int] = []
+        # how often each token has been generated, for presence / frequency penalties only
+        self._counts = np.zeros(tokenizer.vocab_size) if params.sampling.counts_tokens else None
         self._pending: deque[_Pending] = deque()
         self._ready: list[TokenEvent] = []
         self._max_stop = max((len(s) for s in params.stop), default=0)
@@ -114,6 +119,10 @@ class Decoder:
         if self.params.sampling.repetition_penalty == 1.0:
             return ()
         return itertools.chain(self.context, self._generated)
+
+    def generated_counts(self) -> np.ndarray | None:
+        """How often each token (V,) has been generated so far; None when no penalty needs it."""
+        return self._counts
 
     def draw(self) -> float:
         """This sequence's next uniform draw; greedy sequences draw nothing."""
@@ -144,6 +153,8 @@ class Decoder:
         assert self._next is not None and self._next_event is not None
         event = self._next_event
         self._generated.append(self._next)
+        if self._counts is not None:
+            self._counts[self._next] += 1
         self._pieces.append(event.text)
         start = self._length
         self._length += len(event.text)
@@ -153,6 +164,8 @@ class Decoder:
             self._ready.append(event)
             if len(self._generated) >= self.params.max_tokens:
                 self._finish("length", self._length)
+            elif self._deadline is not None and time.monotonic() > self._deadline:
+                self._finish("time_limit", self._length)
             return
         self._tail = (self._tail + event.text)[-(self._max_stop + len(event.text)) :]
         self._history.append((len(self._generated), row))
@@ -163,6 +176,9 @@ class Decoder:
             return
         if len(self._generated) >= self.params.max_tokens:
             self._finish("length", self._length)
+            return
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self._finish("time_limit", self._length)  # held-back text is released: no stop string came
             return
         self._release(self._safe_end())
 
@@ -203,7 +219,8 @@ class Decoder:
             pending_start = self._pending[0].end - len(self._pending[0].event.text)
             partial = "".join(self._pieces)[pending_start:end]
             if partial:
-                self._ready.append(TokenEvent(partial, None))
+                head = self._pending[0].event  # the piece's log-probability is its token's
+                self._ready.append(TokenEvent(partial, None, head.logprob, head.top))
                 ids = self.tokenizer.encode(partial)
                 rows = self.engine.prefill(ids, rows)
                 completion += len(ids)
@@ -224,6 +241,7 @@ def _choose(decoders: Sequence[Decoder], logits: np.ndarray) -> None:
         [d.params.sampling for d in decoders],
         [d.draw() for d in decoders],
         [d.sampling_context() for d in decoders],
+        [d.generated_counts() for d in decoders],
     )
     for row, (decoder, token) in enumerate(zip(decoders, tokens)):
         decoder.set_next(token, logits[row])

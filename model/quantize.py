@@ -27,7 +27,7 @@ def quantize_int8(lm: LanguageModel) -> LanguageModel:
         quantized = torch.ao.quantization.quantize_dynamic(model, {nn.LSTM, nn.Linear}, dtype=torch.qint8)
     fingerprint = hashlib.sha256(f"{lm.fingerprint}:int8".encode()).hexdigest()[:16]
     meta = {**lm.meta, "quantized": "int8"}
-    return LanguageModel(quantized, lm.tokenizer, lm.config, fingerprint, lm.path, meta)
+    return LanguageModel(quantized, lm.tokenizer, lm.config, fingerprint, lm.path, meta, lm.chat_template)
 
 
 def is_quantized(model: nn.Module) -> bool:

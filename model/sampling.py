@@ -1,4 +1,5 @@
-"""Turning a next-token distribution into a token: temperature, top-k, top-p, repetition penalty.
+"""Turning a next-token distribution into a token: temperature, top-k, top-p, repetition,
+presence and frequency penalties.
 
 Every request owns a torch.Generator seeded from its seed (never the global RNG), and each
 sampled token consumes exactly one uniform draw from it (UniformStream), so a seeded request
@@ -31,6 +32,15 @@ class SamplingParams:
     top_k: int = 0  # 0 = no limit
     top_p: float = 1.0  # 1 = no nucleus cut
     repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the context
+    # OpenAI's additive penalties on the tokens generated so far (0 = off): the logit of a token
+    # generated c times drops by c * frequency_penalty + (c > 0) * presence_penalty
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether sampling needs the count of each token generated so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -41,6 +51,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if not (np.isfinite(self.presence_penalty) and np.isfinite(self.frequency_penalty)):
+            raise ValueError("presence_penalty and frequency_penalty must be finite")
 
 
 def new_seed() -> int:
@@ -79,6 +91,17 @@ def apply_repetition_penalty(logits: np.ndarray, context: Iterable[int], penalty
     if seen.size:
         picked = logits[seen]
         logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def apply_count_penalties(logits: np.ndarray, counts: np.ndarray, presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's presence and frequency penalties (in place): logits (V,) minus, for each token,
+    counts * frequency + (counts > 0) * presence, where `counts` (V,) says how often each token
+    has been generated so far. Negative penalties encourage repetition instead."""
+    if frequency != 0.0:
+        logits -= frequency * counts
+    if presence != 0.0:
+        logits -= presence * (counts > 0)
     return logits
 
 
@@ -148,12 +171,15 @@ def sample_rows(
     params: Sequence[SamplingParams],
     uniforms: Sequence[float],
     contexts: Sequence[Iterable[int]] | None = None,
+    counts: Sequence[np.ndarray | None] | None = None,
 ) -> list[int]:
     """Pick one token per row of raw logits (B, V), each row with its own parameters and its own
     uniform draw in [0, 1) (ignored for greedy rows, whose callers should not draw one).
 
     numpy rather than torch: for rows of a few hundred logits, torch's per-op dispatch costs
-    several times the arithmetic, and one vectorised pass serves a whole scheduler tick."""
+    several times the arithmetic, and one vectorised pass serves a whole scheduler tick.
+    `counts[i]` (V,): how often each token has been generated in row i, for rows whose params
+    have presence or frequency penalties (None otherwise)."""
     raw = logits.detach().numpy() if isinstance(logits, Tensor) else logits
     x = np.array(raw, dtype=np.float64, ndmin=2)
     x[:, _NEVER] = -np.inf
@@ -161,6 +187,11 @@ def sample_rows(
         for row, p in enumerate(params):
             if p.repetition_penalty != 1.0:
                 apply_repetition_penalty(x[row], contexts[row], p.repetition_penalty)
+    if counts is not None:
+        for row, p in enumerate(params):
+            seen = counts[row]
+            if seen is not None and p.counts_tokens:
+                apply_count_penalties(x[row], seen, p.presence_penalty, p.frequency_penalty)
     if len(params) == 1:
         p = params[0]
         if p.temperature == 0.0:

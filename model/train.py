@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .chat import TEMPLATES, template_named
 from .checkpoint import save_checkpoint, weights_for_saving
 from .data import BatchStream, encode_documents, read_texts, split_documents
 from .evaluate import EvalResult, stream_nll, summarize
@@ -96,6 +97,13 @@ class TrainConfig(ModelHyperparameters):
     name: str | None = option(
         None, "model name recorded in config.json (default: --out's folder name)", group="bookkeeping"
     )
+    chat_template: str = option(
+        "speaker-headings",
+        "chat template recorded in config.json for /v1/chat/completions: speaker-headings (NAME:\\n speech "
+        "\\n\\n, the format of plays such as Tiny Shakespeare) or none",
+        group="bookkeeping",
+        choices=tuple(TEMPLATES),
+    )
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, **self.hyperparameters())
@@ -122,7 +130,9 @@ class TrainConfig(ModelHyperparameters):
 
 
 # what may change when a run is resumed without making it a different run
-RESUMABLE_CHANGES = frozenset({"max_steps", "max_minutes", "eval_interval", "checkpoint_interval", "threads", "name"})
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "max_minutes", "eval_interval", "checkpoint_interval", "threads", "name", "chat_template"}
+)
 
 
 @dataclass(frozen=True)
@@ -397,6 +407,7 @@ class Trainer:
                 name=cfg.name,
                 training={**asdict(cfg), "best_step": self.step, "train_seconds": round(self.elapsed, 1)},
                 metrics={"validation": result.to_dict(), "step": self.step},
+                chat_template=template_named(cfg.chat_template),
             )
 
     def run(self) -> TrainResult:

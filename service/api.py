@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any, TypeVar
 
-from flask import Flask, Response, current_app, jsonify, request, send_from_directory, stream_with_context, url_for
+from flask import Flask, Response, current_app, jsonify, request, stream_with_context
 from pydantic import BaseModel
-from swagger_ui_bundle import swagger_ui_path
 
 from . import metrics
 from .errors import ApiError, not_found
 from .inference import LMService
-from .openapi import DOCS_PAGE, Api, build_openapi
+from .openapi import Api, build_openapi
 from .schemas import (
     SESSION_ID_PATTERN,
     CreateSessionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
-    GeneratedToken,
     GenerateRequest,
     GenerateResponse,
+    GenerateStreamEvent,
     HealthResponse,
     InfoResponse,
     Limits,
@@ -37,6 +37,7 @@ from .schemas import (
 )
 from .sessions import StoreUnavailable
 
+log = logging.getLogger(__name__)
 api = Api("api")
 route = api.route
 T = TypeVar("T", bound=BaseModel)
@@ -64,6 +65,8 @@ def parse(model: type[T], *, allow_empty: bool = False) -> T:
             data = json.loads(raw)
         except ValueError as exc:  # includes invalid UTF-8
             raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:  # nesting deeper than the parser's stack
+            raise ApiError(400, "invalid_json", "request body is nested too deeply") from exc
     if not isinstance(data, dict):
         raise ApiError(
             422,
@@ -153,7 +156,7 @@ def fork_session(session_id: str) -> tuple[Response, int]:
     body=GenerateRequest,
     responses={200: GenerateResponse},
     errors=(*_BODY_ERRORS, 404, 409, 503),
-    stream=GeneratedToken,
+    stream=GenerateStreamEvent,
 )
 def generate() -> Response | tuple[Response, int]:
     """Append `prompt` to the session (or a fresh start) and sample up to `max_tokens` tokens.
@@ -245,7 +248,9 @@ def ready() -> tuple[Response, int]:
         checks["store"] = f"ok ({lm.store.kind})"
     except StoreUnavailable as exc:
         metrics.STORE_ERRORS.labels("unavailable").inc()
-        raise ApiError(503, "not_ready", f"store check failed: {exc}", {**checks, "store": f"failed: {exc}"}) from exc
+        log.warning("readiness: %s", exc)  # the store's address and error stay in the log
+        message = "the session store is unreachable or refuses writes"
+        raise ApiError(503, "not_ready", message, {**checks, "store": f"failed: {message}"}) from exc
     return dump({"status": "ready", "checks": checks})
 
 
@@ -266,29 +271,6 @@ def prometheus_metrics() -> Response:
 def openapi_document() -> tuple[Response, int]:
     """The OpenAPI 3.1 description of this API, generated from the validating schemas."""
     return jsonify(current_app.config["OPENAPI_DOCUMENT"]), 200
-
-
-@route(
-    "/docs",
-    "GET",
-    summary="Interactive API documentation",
-    responses={200: None},
-    tag="operations",
-    content_type="text/html",
-)
-def docs() -> Response:
-    """Swagger UI rendering /openapi.json (assets served locally: no CDN)."""
-    page = DOCS_PAGE.format(
-        title=current_app.config["OPENAPI_DOCUMENT"]["info"]["title"],
-        assets=url_for("api.docs_asset_GET", filename="").rstrip("/"),
-        spec=url_for("api.openapi_document_GET"),
-    )
-    return Response(page, mimetype="text/html")
-
-
-@api.blueprint.route("/docs/assets/<path:filename>", methods=["GET"], endpoint="docs_asset_GET")
-def docs_asset(filename: str) -> Response:
-    return send_from_directory(swagger_ui_path, filename)
 
 
 def init_app(app: Flask) -> None:

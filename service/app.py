@@ -4,16 +4,20 @@ the app registered by its own module's init_app."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 from threadpoolctl import threadpool_limits
 
 from model import CheckpointError, LanguageModel, load
 from model.engine import Engine
 
-from . import api, card, errors, metrics, replica
+from . import access, api, card, errors, metrics, openai_api, replica, ui
+from .admission import Admission
 from .inference import LMService
+from .redis_client import connect
 from .schemas import Limits
 from .sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from .settings import Settings, SettingsError
@@ -22,9 +26,26 @@ from .state_codec import store_namespace
 log = logging.getLogger(__name__)
 
 
+class StrictJSON(DefaultJSONProvider):
+    """Bodies keep the schemas' field order and are strict JSON: a NaN or an infinity is a bug to
+    fix where it is computed, never a token a client's parser chokes on."""
+
+    sort_keys = False
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
+
+
 def build_store(settings: Settings, fingerprint: str) -> SessionStore:
     if settings.redis_url:
-        return RedisSessionStore(settings.redis_url, store_namespace(fingerprint), settings.session_ttl_seconds)
+        client = connect(settings.redis_url, settings.redis_tls())
+        return RedisSessionStore(
+            client,
+            store_namespace(fingerprint),
+            settings.session_ttl_seconds,
+            wait_replicas=settings.redis_wait_replicas,
+        )
     return MemorySessionStore(settings.session_ttl_seconds, settings.memory_store_max_bytes)
 
 
@@ -56,16 +77,21 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
         batching=settings.batching,
         max_batch=settings.max_batch,
         limits=Limits.from_settings(settings),
+        admission=Admission(settings.admission_tokens, settings.admission_queue, settings.admission_wait_seconds),
+        generation_timeout=settings.generation_timeout_seconds,
     )
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json = StrictJSON(app)
     app.extensions["lm_service"] = service
     errors.init_app(app)
+    access.init_app(app, settings)
     metrics.init_app(app, multiprocess=bool(settings.metrics_dir))
     card.init_app(app, settings)
     replica.init_app(app, settings)
     api.init_app(app)
+    openai_api.init_app(app, settings)  # /v1: the OpenAI-compatible routes and their prefix cache
+    ui.init_app(app)  # the playground and /docs (adds /docs to the document api.init_app built)
     log.info(
         "serving %s (%s) with a %s store, %d torch / %d BLAS threads, batching %s",
         lm.name,

@@ -6,7 +6,12 @@
   threads of one worker share that worker's batching scheduler;
 - no preload: each worker loads the model itself after the fork (torch and forks don't mix);
 - torch/BLAS threads per worker = cores / workers (create_app), so workers don't oversubscribe;
-- several workers need Redis for sessions: without REDIS_URL this refuses to start.
+- several workers need Redis for sessions: without REDIS_URL this refuses to start;
+- slow clients: a request's headers and body must arrive within deadlines and a client must keep
+  taking its response (service/gunicorn_worker.py), gunicorn's own errors answer JSON, and access
+  logs never hold a whole session id (service/gunicorn_logger.py). A worker still gives each
+  connection a thread while its request arrives: in production run behind a buffering proxy
+  (deploy/nginx.conf, scripts/stack.sh), which holds slow clients without a thread each.
 """
 
 import os
@@ -22,6 +27,8 @@ for _name in os.listdir(_metrics_dir):
     if _name.endswith(".db"):
         os.unlink(os.path.join(_metrics_dir, _name))
 
+from service.gunicorn_logger import RedactingLogger  # noqa: E402
+from service.gunicorn_worker import ClientLimits, with_limits  # noqa: E402
 from service.settings import Settings, SettingsError  # noqa: E402 - after the metrics directory is set
 
 try:
@@ -31,13 +38,29 @@ except SettingsError as _exc:
     sys.stderr.write(f"lstm-lm service refuses to start: {_exc}\n")
     sys.exit(1)
 
-bind = f"0.0.0.0:{_settings.port}"
+bind = f"{_settings.bind_host}:{_settings.port}"
 workers = _settings.workers
-worker_class = "gthread"
-threads = _settings.threads
+# gthread with deadlines on reading a request and on writing its response
+worker_class = with_limits(
+    ClientLimits(
+        header_timeout=_settings.header_timeout_seconds,
+        body_timeout=_settings.body_timeout_seconds,
+        send_timeout=_settings.send_timeout_seconds,
+        replica=_settings.replica(),
+    )
+)
+threads = _settings.threads  # each request holds one while it runs, a stream for its whole length
 timeout = 120  # heartbeat; long streams are fine under gthread
 graceful_timeout = 30
-keepalive = 5
+keepalive = _settings.keepalive_seconds  # idle kept-alive connections wait in the poller, not a thread
+# what a request line and its headers may be: nginx's large_client_header_buffers (8 KiB) agree
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+logger_class = RedactingLogger
+# gunicorn's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl): replicas
+# and test servers on one host would take it from each other. Nothing here uses gunicornc.
+control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()

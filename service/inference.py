@@ -18,6 +18,7 @@ import math
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +31,11 @@ from model.sampling import SamplingParams
 from model.tokenizer import BOS_ID, BOS_TEXT, UNK_ID, UNK_TEXT, Encoding
 
 from . import metrics
+from .admission import Admission
 from .errors import ApiError, conflict, not_found
 from .scheduler import BatchScheduler, run_inline
 from .schemas import GenerateRequest, Limits, NextRequest, ScoreRequest
-from .sessions import CasResult, SessionStore
+from .sessions import CasResult, SessionStore, StoreUnavailable
 from .sse import SSEEncoder
 from .state_codec import SessionState, StateDecodeError, decode_state, encode_state
 
@@ -78,9 +80,13 @@ class LMService:
         batching: bool,
         max_batch: int,
         limits: Limits,
+        admission: Admission | None = None,
+        generation_timeout: float | None = None,
     ):
         self.lm = lm
         self.limits = limits  # what requests are validated against
+        self.admission = admission or Admission(budget=1 << 62, queue=0, wait_seconds=0)
+        self.generation_timeout = generation_timeout
         self.tokenizer = lm.tokenizer
         self.store = store
         self.engine = engine
@@ -149,8 +155,17 @@ class LMService:
 
     # ---- sessions -----------------------------------------------------------------------
 
+    @contextmanager
+    def _admitted(self, cost: int) -> Iterator[None]:
+        ticket = self.admission.admit(cost)
+        try:
+            yield
+        finally:
+            ticket.release()
+
     def create_session(self, text: str) -> Body:
-        rows, enc = self._prefill(text, self.engine.start())
+        with self._admitted(len(text)):
+            rows, enc = self._prefill(text, self.engine.start())
         n = len(enc.ids)
         return {"session_id": self._create(rows, n), "tokens": n, "unknown_chars": enc.unknown_chars}
 
@@ -181,16 +196,19 @@ class LMService:
     def start_generation(self, req: GenerateRequest) -> Generation:
         """Everything that can fail with a clean HTTP status happens here, before any streaming."""
         ctx = self._open(req.session_id)
-        rows, enc = self._prefill(req.prompt, ctx.rows)
+        with self._admitted(len(req.prompt)):
+            rows, enc = self._prefill(req.prompt, ctx.rows)
+        started = time.monotonic()
         params = GenerationParams(
             max_tokens=req.max_tokens,
             sampling=SamplingParams(req.temperature, req.top_k, req.top_p, req.repetition_penalty),
             stop=tuple(req.stop),
             seed=req.seed,
             logprobs=req.logprobs,
+            deadline=None if self.generation_timeout is None else started + self.generation_timeout,
         )
         decoder = Decoder(self.engine, self.tokenizer, rows, params, enc.ids)
-        return Generation(ctx, len(enc.ids), enc.unknown_chars, decoder, time.monotonic())
+        return Generation(ctx, len(enc.ids), enc.unknown_chars, decoder, started)
 
     def _token_events(self, gen: Generation) -> Iterator[list[TokenEvent]]:
         if self.scheduler is not None:
@@ -227,27 +245,37 @@ class LMService:
         return body
 
     def generate_stream(self, gen: Generation) -> Iterator[bytes]:
-        """Server-Sent Events: token events as they come, then the final summary (or an error if
-        saving the session failed). If the consumer stops early (client gone), generation stops
-        and nothing is saved."""
+        """Server-Sent Events: token events as they come, then the final summary. Whatever fails
+        after the headers went out (saving the session, the store, a step) ends the stream with
+        an `error` event, never a cut connection. If the consumer stops early (client gone),
+        generation stops and nothing is saved."""
         events = self._token_events(gen)
+        final: Body | ApiError
         try:
             for chunk in events:
                 yield self.sse.tokens(chunk)
+            final = self._finish(gen)
+        except ApiError as exc:
+            final = exc
+        except StoreUnavailable as exc:
+            metrics.STORE_ERRORS.labels("unavailable").inc()
+            log.warning("stream: session store unavailable: %s", exc)
+            final = ApiError(503, "store_unavailable", "the session store is unavailable; nothing was saved, retry")
+        except Exception:
+            log.exception("stream failed after its headers were sent")
+            final = ApiError(500, "internal_error", "generation failed; it has been logged and nothing was saved")
         finally:
             close = getattr(events, "close", None)
             if close is not None:
                 close()
-        try:
-            yield self.sse.final(self._finish(gen))
-        except ApiError as exc:
-            yield self.sse.final(exc)
+        yield self.sse.final(final)
 
     # ---- distributions and scores -------------------------------------------------------
 
     def next(self, req: NextRequest) -> Body:
         ctx = self._open(req.session_id)
-        rows, enc = self._prefill(req.text, ctx.rows)
+        with self._admitted(len(req.text)):
+            rows, enc = self._prefill(req.text, ctx.rows)
         n = len(enc.ids)
         logp = self.engine.log_probs(rows)[0]
         probs = np.exp(logp)
@@ -270,7 +298,8 @@ class LMService:
         ctx = self._open(req.session_id)
         enc = self.tokenizer.encode_with_unknowns(req.text)
         metrics.PROMPT_TOKENS.inc(len(enc.ids))
-        scores, rows = self.engine.score(enc.ids, ctx.rows)
+        with self._admitted(len(req.text)):
+            scores, rows = self.engine.score(enc.ids, ctx.rows)
         if req.commit:
             self._commit(ctx, rows, len(enc.ids))
         total = float(scores.sum())

@@ -36,6 +36,12 @@ BATCH_SIZE = Histogram(
     "lstm_batch_size", "Sequences stepped together per scheduler tick", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
 STORE_ERRORS = Counter("lstm_store_errors_total", "Session store failures (unreachable, corrupt state)", ["kind"])
+PREFIX_LOOKUPS = Counter(
+    "lstm_prefix_cache_lookups_total",
+    "/v1 prompt-prefix cache lookups by outcome (hit, miss, error: store failed, skipped: off or pausing)",
+    ["outcome"],
+)
+PREFIX_CACHED_TOKENS = Counter("lstm_prefix_cached_tokens_total", "/v1 prompt tokens served from the prefix cache")
 
 
 class _SessionsCollector(Collector):
@@ -45,7 +51,10 @@ class _SessionsCollector(Collector):
         self._count = count
 
     def collect(self) -> Iterable[Metric]:
-        gauge = GaugeMetricFamily("lstm_active_sessions", "Sessions alive in the store for this model")
+        gauge = GaugeMetricFamily(
+            "lstm_active_sessions",
+            "Sessions of this model: alive (in-process store) or written in the last hour (Redis, an estimate)",
+        )
         try:
             gauge.add_metric([], float(self._count()))
         except Exception:  # store down: report nothing rather than fail the scrape
@@ -67,6 +76,9 @@ def render(count_sessions: Callable[[], int], multiprocess: bool) -> bytes:
     return base + generate_latest(extra)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def init_app(app: Flask, *, multiprocess: bool) -> None:
     """Count and time every request. `multiprocess`: PROMETHEUS_MULTIPROC_DIR is set (gunicorn)."""
     app.config["METRICS_MULTIPROCESS"] = multiprocess
@@ -77,12 +89,16 @@ def init_app(app: Flask, *, multiprocess: bool) -> None:
 
     @app.after_request
     def _record(response: Response) -> Response:
+        # every label takes few values: route patterns (never raw paths), known methods, statuses
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+        method = request.method if request.method in _METHODS else "other"
+        REQUESTS.labels(endpoint, method, str(response.status_code)).inc()
         if "started" in g:
             LATENCY.labels(endpoint).observe(time.perf_counter() - g.started)
         return response
 
 
-for _kind in ("unavailable", "corrupt_state", "metrics"):
+for _kind in ("unavailable", "corrupt_state", "metrics", "unreplicated"):
     STORE_ERRORS.labels(_kind)  # export zeros, so alerts on increase() work from the start
+for _outcome in ("hit", "miss", "error", "skipped"):
+    PREFIX_LOOKUPS.labels(_outcome)

@@ -2,7 +2,13 @@
 
 Routes register themselves with `Api.route(...)`, naming their request and response models;
 the same request model validates the body at run time, so the document cannot drift from
-what the server accepts.
+what the server accepts. Parts of the app with a blueprint of their own (service.ui, the /v1
+routes) add their documented routes to the built document with `add_routes`.
+
+A streamed response (Server-Sent Events) is described as `text/event-stream` whose schema is the
+JSON of one event's `data:` line: OpenAPI 3.1 has no way to say "a sequence of" (3.2's
+`itemSchema` would), so the response's description says it, and generators that do not stream
+still read the JSON variant of the same response.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ _ERROR_TEXT = {
 
 @dataclass
 class RouteDoc:
+    operation_id: str  # the view function's name: what generated clients call the operation
     rule: str
     method: str
     summary: str
@@ -71,6 +78,7 @@ class Api:
         def register(fn: F) -> F:
             self.routes.append(
                 RouteDoc(
+                    fn.__name__,
                     rule,
                     method,
                     summary,
@@ -99,9 +107,10 @@ def _limits_note(limits: Limits) -> str:
     return ", ".join(f"{k} = {v}" for k, v in vars(limits).items())
 
 
-def build_openapi(api: Api, *, title: str, version: str, description: str, limits: Limits) -> dict[str, Any]:
+def _components(routes: list[RouteDoc]) -> dict[str, Any]:
+    """JSON Schemas of every model the routes name (and the error shape), by model name."""
     models: set[tuple[type[BaseModel], Literal["validation", "serialization"]]] = {(ErrorResponse, "serialization")}
-    for r in api.routes:
+    for r in routes:
         if r.body:
             models.add((r.body, "validation"))
         for m in r.responses.values():
@@ -111,68 +120,84 @@ def build_openapi(api: Api, *, title: str, version: str, description: str, limit
             models.add((r.stream, "serialization"))
     ordered = sorted(models, key=lambda x: (x[0].__name__, x[1]))
     _, top = models_json_schema(ordered, ref_template="#/components/schemas/{model}")
-    schemas = top.get("$defs", {})
+    return dict(top.get("$defs", {}))
 
-    def ref(model: type[BaseModel]) -> dict[str, str]:
-        return {"$ref": f"#/components/schemas/{model.__name__}"}
 
-    paths: dict[str, dict[str, Any]] = {}
-    for r in api.routes:
-        path, params = _path(r.rule)
-        slug = re.sub(r"[^a-z0-9]+", "_", path.lower()).strip("_")
-        op: dict[str, Any] = {
-            "summary": r.summary,
-            "operationId": f"{r.method.lower()}_{slug}",
-            "tags": r.tags,
-            "responses": {},
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _success(r: RouteDoc, status: int, model: type[BaseModel] | None) -> dict[str, Any]:
+    if model is not None:
+        entry: dict[str, Any] = {"description": "success", "content": {r.content_type: {"schema": _ref(model)}}}
+    elif r.content_type != "application/json":  # a page or text: say what type it is
+        entry = {"description": "success", "content": {r.content_type: {"schema": {"type": "string"}}}}
+    else:
+        entry = {"description": "no content"}
+    if r.stream is not None and status == 200:
+        doc = " ".join((r.stream.__doc__ or "").split())
+        entry["description"] = (
+            "success. With `stream: true`: Server-Sent Events (`text/event-stream`), a sequence of events, "
+            f"each one line `data: <JSON>` then a blank line, its JSON a {r.stream.__name__}. {doc}"
+        ).strip()
+        entry.setdefault("content", {})["text/event-stream"] = {"schema": _ref(r.stream)}
+    return entry
+
+
+def _operation(r: RouteDoc, params: list[str]) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": r.summary, "operationId": r.operation_id, "tags": r.tags, "responses": {}}
+    if r.description:
+        op["description"] = r.description
+    if params:
+        op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params]
+    if r.body:
+        op["requestBody"] = {
+            "required": not r.body_optional,
+            "content": {"application/json": {"schema": _ref(r.body)}},
         }
-        if r.description:
-            op["description"] = r.description
-        if params:
-            op["parameters"] = [
-                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params
-            ]
-        if r.body:
-            op["requestBody"] = {
-                "required": not r.body_optional,
-                "content": {"application/json": {"schema": ref(r.body)}},
-            }
-        for status, model in r.responses.items():
-            entry: dict[str, Any] = {"description": "success" if model else "no content"}
-            if model:
-                entry["content"] = {r.content_type: {"schema": ref(model)}}
-            if r.stream and status == 200:
-                entry["content"]["text/event-stream"] = {
-                    "schema": {
-                        "type": "string",
-                        "description": f"with stream=true: one `data:` line per token ({r.stream.__name__}), "
-                        "then a final event with finish_reason, usage and session_id",
-                    }
-                }
-            op["responses"][str(status)] = entry
-        for status in r.errors:
-            op["responses"][str(status)] = {
-                "description": _ERROR_TEXT.get(status, "error"),
-                "content": {"application/json": {"schema": ref(ErrorResponse)}},
-            }
-        paths.setdefault(path, {})[r.method.lower()] = op
-    return {
+    for status, model in r.responses.items():
+        op["responses"][str(status)] = _success(r, status, model)
+    for status in r.errors:
+        op["responses"][str(status)] = {
+            "description": _ERROR_TEXT.get(status, "error"),
+            "content": {"application/json": {"schema": _ref(ErrorResponse)}},
+        }
+    return op
+
+
+def _add_paths(document: dict[str, Any], routes: list[RouteDoc]) -> None:
+    paths = document["paths"]
+    taken = {op["operationId"] for ops in paths.values() for op in ops.values()}
+    for r in routes:
+        path, params = _path(r.rule)
+        method = r.method.lower()
+        if method in paths.get(path, {}):
+            raise ValueError(f"{r.method} {path} is documented twice")
+        if r.operation_id in taken:  # generated clients name their functions after these
+            raise ValueError(f"operationId {r.operation_id!r} of {r.method} {path} is already used")
+        taken.add(r.operation_id)
+        paths.setdefault(path, {})[method] = _operation(r, params)
+
+
+def build_openapi(api: Api, *, title: str, version: str, description: str, limits: Limits) -> dict[str, Any]:
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": title,
             "version": version,
             "description": f"{description}\n\nLimits: {_limits_note(limits)}.",
         },
-        "paths": paths,
-        "components": {"schemas": schemas},
+        "paths": {},
+        "components": {"schemas": _components(api.routes)},
     }
+    _add_paths(document, api.routes)
+    return document
 
 
-DOCS_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title} API</title>
-<link rel="stylesheet" href="{assets}/swagger-ui.css"></head>
-<body><div id="docs"></div>
-<script src="{assets}/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({{url: "{spec}", dom_id: "#docs"}});</script>
-</body></html>
-"""
+def add_routes(document: dict[str, Any], api: Api) -> None:
+    """Document the routes of another blueprint in an already built document (in place)."""
+    schemas = document["components"]["schemas"]
+    for name, schema in _components(api.routes).items():
+        if schemas.setdefault(name, schema) != schema:
+            raise ValueError(f"two different schemas are named {name!r}")
+    _add_paths(document, api.routes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationInfo, field_validator
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
 
@@ -205,7 +205,7 @@ class GeneratedToken(Response):
 class GenerateResponse(Response):
     text: str
     session_id: str | None
-    finish_reason: Literal["length", "stop"]
+    finish_reason: Literal["length", "stop", "time_limit"]
     seed: int
     usage: Usage
     unknown_chars: int = Field(description="prompt characters the vocabulary does not hold")
@@ -215,7 +215,7 @@ class GenerateResponse(Response):
 class StreamFinal(Response):
     """The last streamed event."""
 
-    finish_reason: Literal["length", "stop"]
+    finish_reason: Literal["length", "stop", "time_limit"]
     session_id: str | None
     seed: int
     usage: Usage
@@ -288,3 +288,9 @@ class ErrorDetail(Response):
 
 class ErrorResponse(Response):
     error: ErrorDetail
+
+
+class GenerateStreamEvent(RootModel[GeneratedToken | StreamFinal | ErrorResponse]):
+    """Token events (GeneratedToken) as the tokens are generated, then exactly one last event:
+    StreamFinal, or ErrorResponse if the session could not be saved (the client always learns how
+    the stream ended)."""

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from service.redis_client import TLS, valid_url
+
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model" / "checkpoints" / "shakespeare-char"
 
 # environment variable -> field; the README's settings table is this list
@@ -36,10 +38,29 @@ ENV_VARS = {
     "MAX_BATCH": "max_batch",
     "LOG_LEVEL": "log_level",
     "PORT": "port",
+    "BIND_HOST": "bind_host",
     "WEB_CONCURRENCY": "workers",
     "GUNICORN_THREADS": "threads",
+    "KEEPALIVE_SECONDS": "keepalive_seconds",
+    "HEADER_TIMEOUT_SECONDS": "header_timeout_seconds",
+    "BODY_TIMEOUT_SECONDS": "body_timeout_seconds",
+    "SEND_TIMEOUT_SECONDS": "send_timeout_seconds",
     "PROMETHEUS_MULTIPROC_DIR": "metrics_dir",
     "REPLICA_NAME": "replica_name",
+    "PREFIX_CACHE": "prefix_cache",
+    "REDIS_WAIT_REPLICAS": "redis_wait_replicas",
+    "REDIS_TLS_CA_FILE": "redis_tls_ca_file",
+    "REDIS_TLS_CERT_FILE": "redis_tls_cert_file",
+    "REDIS_TLS_KEY_FILE": "redis_tls_key_file",
+    "API_KEYS": "api_keys",
+    "API_KEYS_FILE": "api_keys_file",
+    "RATE_LIMIT": "rate_limit",
+    "CORS_ORIGINS": "cors_origins",
+    "PROXY_HOPS": "proxy_hops",
+    "ADMISSION_TOKENS": "admission_tokens",
+    "ADMISSION_QUEUE": "admission_queue",
+    "ADMISSION_WAIT_SECONDS": "admission_wait_seconds",
+    "GENERATION_TIMEOUT_SECONDS": "generation_timeout_seconds",
 }
 
 
@@ -71,8 +92,59 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1)
     threads: int = Field(32, ge=1)
+    bind_host: str = "0.0.0.0"  # scripts/stack.sh: 127.0.0.1, only nginx faces clients
+    # gunicorn's own limits on slow clients (a proxy in front absorbs them better: deploy/nginx.conf)
+    keepalive_seconds: int = Field(5, ge=0)  # an idle kept-alive connection is closed after this (gunicorn: whole s)
+    header_timeout_seconds: float = Field(10.0, gt=0)  # request line and headers, from their first byte
+    body_timeout_seconds: float = Field(30.0, gt=0)  # the whole body, once the headers are in
+    send_timeout_seconds: float = Field(60.0, gt=0)  # a client that takes no response bytes this long is dropped
     metrics_dir: str | None = None  # prometheus_client's multiprocess directory (gunicorn.conf.py sets it)
     replica_name: str | None = None  # the X-Replica header; None: host name and port
+    prefix_cache: bool = True  # /v1: cache states at prompt boundaries in the store (service/prefix_cache.py)
+    redis_wait_replicas: int = Field(0, ge=0)  # a session write waits until this many replicas hold it (WAIT)
+    redis_tls_ca_file: Path | None = None  # rediss://: the CA bundle that signed the server's certificate
+    redis_tls_cert_file: Path | None = None  # rediss://: a client certificate, if the server asks for one
+    redis_tls_key_file: Path | None = None
+    api_keys: str | None = None  # comma-separated; with API_KEYS_FILE, the keys every API route needs
+    api_keys_file: Path | None = None  # one key per line (# comments)
+    rate_limit: str | None = None  # e.g. "120/minute"; per key, or per client address without keys
+    cors_origins: str | None = None  # comma-separated origins allowed to call from a browser; "*" = any
+    proxy_hops: int = Field(0, ge=0)  # trusted proxies in front (nginx: 1): take the client address from them
+    # a worker's budget of concurrent prefill/scoring work, in input characters; beyond it requests
+    # queue (ADMISSION_QUEUE deep, ADMISSION_WAIT_SECONDS at most) or get 503 (service/admission.py)
+    admission_tokens: int = Field(200_000, ge=1)
+    admission_queue: int = Field(64, ge=0)
+    admission_wait_seconds: float = Field(10.0, ge=0)
+    generation_timeout_seconds: float = Field(300.0, gt=0)  # wall-clock cap on one generation
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, v: str | None) -> str | None:
+        if v is not None:
+            from limits import parse_many
+
+            try:
+                parse_many(v)
+            except ValueError as exc:
+                raise ValueError(f"{exc}; use e.g. 120/minute or 10/second;1000/hour") from exc
+        return v
+
+    def redis_tls(self) -> TLS:
+        return TLS(self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
+
+    def keys(self) -> frozenset[str]:
+        """The API keys from API_KEYS and API_KEYS_FILE (empty: no authentication)."""
+        found = [k.strip() for k in (self.api_keys or "").split(",")]
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise SettingsError(f"API_KEYS_FILE={self.api_keys_file}: {exc.strerror}") from exc
+            found += [line.strip() for line in lines if not line.lstrip().startswith("#")]
+        return frozenset(k for k in found if k)
+
+    def origins(self) -> list[str]:
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
 
     def replica(self) -> str:
         return self.replica_name or f"{socket.gethostname()}:{self.port}"
@@ -80,8 +152,11 @@ class Settings(BaseModel):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)")
+        if v is not None and not valid_url(v):
+            raise ValueError(
+                "must be redis://, rediss://, unix://, redis+cluster://host:port[,host:port...] or "
+                "redis+sentinel://host:port[,host:port...]/MASTER_NAME[/db] (e.g. redis://localhost:6379/0)"
+            )
         return v
 
     @classmethod

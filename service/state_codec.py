@@ -93,6 +93,8 @@ def decode_state(blob: bytes, fingerprint: str, expected_columns: int) -> Sessio
         raise StateDecodeError(f"state dtype code {dtype} is not float32")
     if fp.hex() != fingerprint[:16]:
         raise StateDecodeError(f"state belongs to model {fp.hex()}, not {fingerprint[:16]}")
+    if not (np.isfinite(created) and np.isfinite(updated)):
+        raise StateDecodeError("state timestamps are not finite numbers")
     if rows != 1 or cols != expected_columns:
         raise StateDecodeError(f"state shape ({rows}, {cols}) does not fit this model (1, {expected_columns})")
     payload = blob[HEADER_SIZE:]

@@ -1,8 +1,11 @@
-"""Real servers for integration tests: a private redis-server and the Procfile's gunicorn command."""
+"""Real servers for integration tests: a private redis-server, the Procfile's gunicorn command, and
+scripts/stack.sh (nginx in front of gunicorn replicas)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -21,6 +24,11 @@ REDIS_MISSING = (
     "redis-server was not found on PATH; the integration tests start their own private Redis. "
     "Install it with `sudo apt-get install redis-server` (Debian/Ubuntu), `brew install redis` (macOS) "
     "or see https://redis.io/docs/latest/operate/oss_and_stack/install/"
+)
+
+NGINX_MISSING = (
+    "nginx was not found on PATH; the stack tests run scripts/stack.sh, which puts nginx in front of the "
+    "replicas. Install it with `sudo apt-get install nginx` (Debian/Ubuntu) or `brew install nginx` (macOS)"
 )
 
 
@@ -132,3 +140,71 @@ class Gunicorn:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._log_file.close()
+
+
+class Stack:
+    """scripts/stack.sh for real: a private Redis, `replicas` Procfile gunicorns, nginx in front."""
+
+    def __init__(self, env: dict[str, str], log: Path, replicas: int = 2):
+        if shutil.which("nginx") is None:
+            raise RuntimeError(NGINX_MISSING)
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, **env, "PORT": str(self.port), "REPLICAS": str(replicas)}
+        full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+        self.log = log
+        self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "stack.sh")],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own session: pids() finds everything it started
+        )
+        try:
+            wait_until(lambda: self.proc.poll() is not None or "listening on" in self.output(), 180, "stack.sh")
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"stack.sh did not start; output:\n{self.output()[-3000:]}") from None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"stack.sh exited {self.proc.returncode}; output:\n{self.output()[-3000:]}")
+        found = re.search(r"runtime files and logs in (\S+);", self.output())
+        assert found, self.output()
+        self.runtime = Path(found.group(1))
+        # each replica's own address, to reach one past nginx: {"replica-1": "http://127.0.0.1:PORT"}
+        self.replicas = {name: f"http://{addr}" for name, addr in re.findall(r"(replica-\d+)=(\S+)", self.output())}
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def pids(self) -> set[int]:
+        """Every live process in stack.sh's session but stack.sh: what it started, their children."""
+        out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,stat="], capture_output=True, text=True).stdout
+        rows = [line.split() for line in out.splitlines()]
+        mine = {int(pid) for pid, sid, stat in rows if int(sid) == self.proc.pid and "Z" not in stat}
+        return mine - {self.proc.pid}
+
+    def named_pids(self) -> dict[str, int]:
+        """stack.sh's own record: redis, replica-N, nginx -> pid."""
+        lines = (self.runtime / "stack.pids").read_text().split("\n")
+        return {name: int(pid) for name, pid in (line.split() for line in lines if line.strip())}
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal stack.sh and wait for it to exit (its whole group is killed if it hangs): its status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if not self._log_file.closed:
+            self._log_file.close()
+        return int(self.proc.returncode)
+
+    def kill_leftovers(self) -> None:
+        """After stop(): kill whatever stack.sh failed to stop, so one failing test leaks nothing."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

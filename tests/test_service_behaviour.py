@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -126,9 +127,9 @@ def test_openapi_is_valid_and_matches_routes(app: Flask) -> None:
     documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
     served = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint in ("static", "api.docs_asset_GET"):
-            continue  # static files are not API operations
-        path = rule.rule.replace("<", "{").replace(">", "}")
+        if rule.endpoint in ("static", "ui.docs_asset", "ui.asset", "ui.playground", "ui.favicon"):
+            continue  # the playground and static files are for browsers, not API operations
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)  # <path:x> is {x} in OpenAPI
         served |= {(path, m) for m in rule.methods - {"HEAD", "OPTIONS"}}  # type: ignore[operator]
     assert documented == served
     generate = doc["paths"]["/generate"]["post"]
@@ -137,14 +138,37 @@ def test_openapi_is_valid_and_matches_routes(app: Flask) -> None:
     ]
     assert "max_tokens" in schema["required"]
     assert {"200", "404", "409", "422", "503"} <= set(generate["responses"])
-    assert "text/event-stream" in generate["responses"]["200"]["content"]
+    # the stream is described by the schema of its events: token events, then a final or error one
+    stream = generate["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    events = doc["components"]["schemas"][stream["$ref"].split("/")[-1]]["anyOf"]
+    assert [e["$ref"].split("/")[-1] for e in events] == ["GeneratedToken", "StreamFinal", "ErrorResponse"]
+    # operationIds are what generated clients name their functions: the view functions' names
+    ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[a-z][a-z_]*", i) for i in ids)
+    assert doc["paths"]["/sessions/{session_id}/fork"]["post"]["operationId"] == "fork_session"
+    assert doc["info"]["title"] == "lstm-lm"  # the service's name, not the model's
 
 
 def test_docs_page_renders_locally(client: Any) -> None:
     page = client.get("/docs")
-    assert page.status_code == 200 and b"SwaggerUIBundle" in page.data and b"/openapi.json" in page.data
-    assert b"https://" not in page.data  # nothing from a CDN
-    assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+    assert page.status_code == 200 and b"docs/assets/swagger-ui-bundle.js" in page.data
+    assert not re.search(rb'(src|href)="(https?:)?//', page.data)  # nothing from a CDN
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]  # nor can anything load one
+    bundle = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and b"SwaggerUIBundle" in bundle.data
+    assert b"isOAS31" in bundle.data  # Swagger UI 5 (4.x cannot render OpenAPI 3.1)
+    init = client.get("/ui/docs/docs.js")
+    assert init.status_code == 200 and b'"openapi.json"' in init.data and b"validatorUrl: null" in init.data
+
+
+def test_playground_is_served(client: Any) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    assert b'id="prompt"' in page.data and b'id="output"' in page.data and b'id="distribution"' in page.data
+    assert not re.search(rb'(src|href)="(https?:)?//', page.data)
+    for asset in ("playground.js", "api.js", "transcript.js", "distribution.js", "playground.css", "icon.svg"):
+        assert client.get(f"/ui/playground/{asset}").status_code == 200, asset
+    assert client.get("/ui/../app.py").status_code == 404  # only the shipped web files
 
 
 def test_info_and_health(client: Any) -> None:
