@@ -39,6 +39,17 @@ from .sessions import StoreUnavailable
 
 log = logging.getLogger(__name__)
 api = Api("api")
+
+# what a client can do with the session an answer names (OpenAPI links: stateful tests follow them)
+_SESSION = "$response.body#/session_id"
+SESSION_LINKS = {
+    "GetSession": {"operationId": "get_session", "parameters": {"session_id": _SESSION}},
+    "ForkSession": {"operationId": "fork_session", "parameters": {"session_id": _SESSION}},
+    "DeleteSession": {"operationId": "delete_session", "parameters": {"session_id": _SESSION}},
+    "ContinueWithGenerate": {"operationId": "generate", "requestBody": {"session_id": _SESSION, "max_tokens": 5}},
+    "ContinueWithNext": {"operationId": "next_token", "requestBody": {"session_id": _SESSION, "commit": True}},
+    "ScoreInSession": {"operationId": "score", "requestBody": {"session_id": _SESSION, "text": "a"}},
+}
 route = api.route
 T = TypeVar("T", bound=BaseModel)
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
@@ -99,6 +110,7 @@ def session_path(session_id: str) -> str:
     responses={201: SessionCreated},
     errors=(*_BODY_ERRORS, 503),
     tag="sessions",
+    links=SESSION_LINKS,
 )
 def create_session() -> tuple[Response, int]:
     """A new session, optionally primed with `text`. An empty body is fine."""
@@ -111,7 +123,7 @@ def create_session() -> tuple[Response, int]:
     "GET",
     summary="Describe a session",
     responses={200: SessionInfo},
-    errors=(404, 503),
+    errors=(404, 500, 503),
     tag="sessions",
 )
 def get_session(session_id: str) -> tuple[Response, int]:
@@ -124,7 +136,7 @@ def get_session(session_id: str) -> tuple[Response, int]:
     "DELETE",
     summary="Delete a session",
     responses={204: None},
-    errors=(404, 503),
+    errors=(404, 500, 503),
     tag="sessions",
 )
 def delete_session(session_id: str) -> tuple[str, int]:
@@ -138,8 +150,9 @@ def delete_session(session_id: str) -> tuple[str, int]:
     "POST",
     summary="Fork a session",
     responses={201: SessionCreated},
-    errors=(404, 503),
+    errors=(404, 500, 503),
     tag="sessions",
+    links=SESSION_LINKS,
 )
 def fork_session(session_id: str) -> tuple[Response, int]:
     """An independent copy: continuing one never changes the other. Any body is ignored."""
@@ -155,7 +168,7 @@ def fork_session(session_id: str) -> tuple[Response, int]:
     summary="Generate a continuation",
     body=GenerateRequest,
     responses={200: GenerateResponse},
-    errors=(*_BODY_ERRORS, 404, 409, 503),
+    errors=(*_BODY_ERRORS, 404, 409, 500, 503),
     stream=GenerateStreamEvent,
 )
 def generate() -> Response | tuple[Response, int]:
@@ -179,7 +192,7 @@ def generate() -> Response | tuple[Response, int]:
     summary="Next-token distribution",
     body=NextRequest,
     responses={200: NextResponse},
-    errors=(*_BODY_ERRORS, 404, 409, 503),
+    errors=(*_BODY_ERRORS, 404, 409, 500, 503),
 )
 def next_token() -> tuple[Response, int]:
     """The distribution of the token after the session's text plus `text`, likeliest first.
@@ -193,7 +206,7 @@ def next_token() -> tuple[Response, int]:
     summary="Score a text",
     body=ScoreRequest,
     responses={200: ScoreResponse},
-    errors=(*_BODY_ERRORS, 404, 409, 503),
+    errors=(*_BODY_ERRORS, 404, 409, 500, 503),
 )
 def score() -> tuple[Response, int]:
     """Log-probability of every token of `text` given the session (or a fresh start), bits per
@@ -283,6 +296,7 @@ def init_app(app: Flask) -> None:
         description="An LSTM language model over HTTP, with sessions whose hidden state lives in Redis. "
         f"This server runs the model {service_of(app).lm.name!r}.",
         limits=service_of(app).limits,
+        vocab_size=service_of(app).tokenizer.vocab_size,
     )
 
 

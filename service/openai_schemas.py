@@ -9,12 +9,12 @@ OpenAI answers ("Unrecognized request argument supplied").
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .schemas import Limits
+from .schemas import JsonInt, Limits, integral
 
 MAX_CHOICES = 16  # n: choices per request, decoded together in one batch
 
@@ -68,8 +68,16 @@ def _unsupported(description: str = "not supported: a 400 unless null") -> Any:
     return Field(None, description=description)
 
 
+def _document_refusals(schema: dict[str, Any]) -> None:
+    """In the OpenAPI document, a field we refuse accepts only the values that ask for nothing, so
+    a client (or a fuzzer) reading the document never sends what gets a 400."""
+    for name, prop in schema.get("properties", {}).items():
+        if name in UNSUPPORTED:
+            prop["enum"] = [None, *NEUTRAL.get(name, [])]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_document_refusals)
 
 
 def _limits(info: ValidationInfo) -> Limits | None:
@@ -84,11 +92,13 @@ class _Common(_Strict):
     model: str = Field(description="the served model's id (GET /v1/models)")
     stream: bool = Field(False, description="Server-Sent Events: chunks as tokens come, then `data: [DONE]`")
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices to generate (decoded together)")
+    n: JsonInt = Field(1, ge=1, le=MAX_CHOICES, description="choices to generate (decoded together)")
     stop: str | list[str] | None = Field(None, description="stop before any of these strings (excluded)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, ge=0.0, le=1.0, description="nucleus sampling (0 keeps only the likeliest token)")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed + same request = same choices")
+    seed: Annotated[int, Field(ge=0, lt=2**63), BeforeValidator(integral)] | None = Field(
+        None, description="same seed + same request = same choices"
+    )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="minus this from tokens already generated")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="minus this per time a token was generated")
     user: str | None = Field(None, max_length=256, description="accepted, not used")
@@ -134,9 +144,15 @@ def _cap_text(v: str, info: ValidationInfo) -> str:
 
 class CompletionRequest(_Common):
     prompt: str | list[str] = Field(description="the text to continue (one prompt per request)")
-    max_tokens: int | None = Field(16, ge=1, description="tokens to generate per choice (OpenAI's default: 16)")
-    logprobs: int | None = Field(None, ge=0, description="log-probabilities of the chosen and this many likeliest")
-    best_of: int | None = Field(None, ge=1, description="only best_of = n (no server-side ranking)")
+    max_tokens: Annotated[int, Field(ge=1), BeforeValidator(integral)] | None = Field(
+        16, description="tokens to generate per choice (OpenAI's default: 16)"
+    )
+    logprobs: Annotated[int, Field(ge=0), BeforeValidator(integral)] | None = Field(
+        None, description="log-probabilities of the chosen and this many likeliest"
+    )
+    best_of: Annotated[int, Field(ge=1), BeforeValidator(integral)] | None = Field(
+        None, description="only best_of = n (no server-side ranking)"
+    )
     echo: Any = _unsupported("not supported: a 400 unless null or false")
     suffix: Any = _unsupported("not supported: a 400 unless null or empty")
 
@@ -209,10 +225,16 @@ class ChatMessage(_Strict):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
-    max_tokens: int | None = Field(None, ge=1, description="tokens per choice; none: this server's cap")
-    max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens (OpenAI's newer name)")
+    max_tokens: Annotated[int, Field(ge=1), BeforeValidator(integral)] | None = Field(
+        None, description="tokens per choice; none: this server's cap"
+    )
+    max_completion_tokens: Annotated[int, Field(ge=1), BeforeValidator(integral)] | None = Field(
+        None, description="the same as max_tokens (OpenAI's newer name)"
+    )
     logprobs: bool = Field(False, description="log-probability of each generated token")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: this many likeliest per token")
+    top_logprobs: Annotated[int, Field(ge=0, le=20), BeforeValidator(integral)] | None = Field(
+        None, description="with logprobs: this many likeliest per token"
+    )
     prompt_cache_key: str | None = Field(None, max_length=1024, description="accepted: the prefix cache is automatic")
     safety_identifier: str | None = Field(None, max_length=256, description="accepted, not used")
     tools: Any = _unsupported("not supported: a 400 unless null or []")

@@ -34,7 +34,8 @@ _ERROR_TEXT = {
     413: "body too large",
     415: "body is not JSON",
     422: "invalid field values (details name each field)",
-    503: "session store unavailable",
+    500: "the session's stored state cannot be read (code session_state_corrupt; logged, never replaced silently)",
+    503: "session store unavailable, or this worker is busy (code overloaded, with Retry-After)",
 }
 
 
@@ -52,6 +53,7 @@ class RouteDoc:
     body_optional: bool = False
     tags: list[str] = field(default_factory=list)
     content_type: str = "application/json"
+    links: dict[str, Any] = field(default_factory=dict)  # OpenAPI links from its success answer
 
 
 class Api:
@@ -74,6 +76,7 @@ class Api:
         body_optional: bool = False,
         tag: str = "model",
         content_type: str = "application/json",
+        links: dict[str, Any] | None = None,
     ) -> Callable[[F], F]:
         def register(fn: F) -> F:
             self.routes.append(
@@ -90,6 +93,7 @@ class Api:
                     body_optional,
                     [tag],
                     content_type,
+                    links or {},
                 )
             )
             self.blueprint.add_url_rule(rule, view_func=fn, methods=[method], endpoint=f"{fn.__name__}_{method}")
@@ -134,14 +138,30 @@ def _success(r: RouteDoc, status: int, model: type[BaseModel] | None) -> dict[st
         entry = {"description": "success", "content": {r.content_type: {"schema": {"type": "string"}}}}
     else:
         entry = {"description": "no content"}
+    if r.links and 200 <= status < 300:
+        entry["links"] = r.links
     if r.stream is not None and status == 200:
         doc = " ".join((r.stream.__doc__ or "").split())
         entry["description"] = (
             "success. With `stream: true`: Server-Sent Events (`text/event-stream`), a sequence of events, "
             f"each one line `data: <JSON>` then a blank line, its JSON a {r.stream.__name__}. {doc}"
         ).strip()
-        entry.setdefault("content", {})["text/event-stream"] = {"schema": _ref(r.stream)}
+        entry.setdefault("content", {})["text/event-stream"] = {"schema": _sse_event(r.stream, r.rule)}
     return entry
+
+
+def _sse_event(model: type[BaseModel], rule: str) -> dict[str, Any]:
+    """One Server-Sent Event: its `data` field is JSON of `model` (JSON Schema's contentSchema),
+    or, on the OpenAI routes, the closing `[DONE]`."""
+    data: dict[str, Any] = {"type": "string", "contentMediaType": "application/json", "contentSchema": _ref(model)}
+    if rule.startswith("/v1/"):
+        data = {"anyOf": [{"const": "[DONE]"}, data]}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": data, "event": {"type": "string"}, "id": {"type": "string"}},
+        "description": "one event of the stream, as a Server-Sent Events parser sees it",
+    }
 
 
 def _operation(r: RouteDoc, params: list[str]) -> dict[str, Any]:
@@ -179,7 +199,9 @@ def _add_paths(document: dict[str, Any], routes: list[RouteDoc]) -> None:
         paths.setdefault(path, {})[method] = _operation(r, params)
 
 
-def build_openapi(api: Api, *, title: str, version: str, description: str, limits: Limits) -> dict[str, Any]:
+def build_openapi(
+    api: Api, *, title: str, version: str, description: str, limits: Limits, vocab_size: int | None = None
+) -> dict[str, Any]:
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -189,8 +211,11 @@ def build_openapi(api: Api, *, title: str, version: str, description: str, limit
         },
         "paths": {},
         "components": {"schemas": _components(api.routes)},
+        # this server's caps, which the request schemas below state too
+        "x-limits": {**vars(limits), **({"max_token_id": vocab_size - 1} if vocab_size else {})},
     }
     _add_paths(document, api.routes)
+    _state_limits(document)
     return document
 
 
@@ -201,3 +226,66 @@ def add_routes(document: dict[str, Any], api: Api) -> None:
         if schemas.setdefault(name, schema) != schema:
             raise ValueError(f"two different schemas are named {name!r}")
     _add_paths(document, api.routes)
+    _state_limits(document)
+
+
+# (schema, field) -> JSON Schema keywords and the Limits attribute each takes its value from: the
+# caps operators configure live in Settings, so the document states them for this server
+_CAPS: dict[tuple[str, str], dict[str, str]] = {
+    ("GenerateRequest", "max_tokens"): {"maximum": "max_tokens"},
+    ("GenerateRequest", "logprobs"): {"maximum": "max_logprobs"},
+    ("GenerateRequest", "prompt"): {"maxLength": "max_prompt_chars"},
+    ("NextRequest", "top_n"): {"maximum": "max_top_n"},
+    ("NextRequest", "text"): {"maxLength": "max_prompt_chars"},
+    ("ScoreRequest", "text"): {"maxLength": "max_prompt_chars"},
+    ("TokenizeRequest", "text"): {"maxLength": "max_prompt_chars"},
+    ("CreateSessionRequest", "text"): {"maxLength": "max_prompt_chars"},
+    ("DetokenizeRequest", "ids"): {"maxItems": "max_detokenize_ids"},
+    ("CompletionRequest", "max_tokens"): {"maximum": "max_tokens"},
+    ("ChatRequest", "max_tokens"): {"maximum": "max_tokens"},
+    ("ChatRequest", "max_completion_tokens"): {"maximum": "max_tokens"},
+    ("ChatRequest", "top_logprobs"): {"maximum": "max_logprobs"},
+    ("CompletionRequest", "logprobs"): {"maximum": "max_logprobs"},
+}
+
+
+def _state_limits(document: dict[str, Any]) -> None:
+    limits, schemas = document["x-limits"], document["components"]["schemas"]
+    for (name, field_name), caps in _CAPS.items():
+        prop = schemas.get(name, {}).get("properties", {}).get(field_name)
+        if prop is None:
+            continue
+        for target in prop.get("anyOf", [prop]):  # a nullable field: the non-null branch
+            if target.get("type") == "null":
+                continue
+            for keyword, attr in caps.items():
+                target[keyword] = limits[attr]
+    for name in ("GenerateRequest", "CompletionRequest", "ChatRequest"):
+        stop = schemas.get(name, {}).get("properties", {}).get("stop", {})
+        for branch in stop.get("anyOf", [stop]):  # each stop string: not empty, at most max_stop_chars
+            target = branch.get("items") if branch.get("type") == "array" else branch
+            if target is not None and target.get("type") == "string":
+                target.update(minLength=1, maxLength=limits["max_stop_chars"])
+            if branch.get("type") == "array":
+                branch["maxItems"] = limits["max_stop_sequences"]
+    text = schemas.get("ScoreRequest", {}).get("properties", {}).get("text")
+    if text is not None:
+        text["minLength"] = 1
+    ids = schemas.get("DetokenizeRequest", {}).get("properties", {}).get("ids", {})
+    if "items" in ids and "max_token_id" in limits:
+        ids["items"].update(minimum=0, maximum=limits["max_token_id"])
+    # rules across fields that the server checks: stated so that schema-valid means accepted
+    if "ChatRequest" in schemas:
+        schemas["ChatRequest"]["if"] = {
+            "properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+            "required": ["top_logprobs"],
+        }
+        schemas["ChatRequest"]["then"] = {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}
+    prompt = schemas.get("CompletionRequest", {}).get("properties", {}).get("prompt", {})
+    for branch in prompt.get("anyOf", []):
+        if branch.get("type") == "array":  # one prompt per request, also as a list
+            branch.update(minItems=1, maxItems=1)
+    best_of = schemas.get("CompletionRequest", {}).get("properties", {}).get("best_of")
+    if best_of is not None:  # the server takes best_of = n (no ranking), which JSON Schema cannot say
+        best_of.pop("anyOf", None)
+        best_of["enum"] = [None]

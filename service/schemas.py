@@ -8,9 +8,9 @@ against the Limits passed as validation context, so they live in Settings, not h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, ValidationInfo, field_validator
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
 
@@ -58,6 +58,16 @@ def _text_cap(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def integral(value: Any) -> Any:
+    """JSON has one number type: 5.0 is the integer 5 (JSON Schema agrees), 5.5 and "5" are not."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(integral)]
+
+
 class Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -74,16 +84,18 @@ class CreateSessionRequest(Request):
 
 class GenerateRequest(SessionRef):
     prompt: str = Field("", description="text appended to the session (or to a fresh start) before generating")
-    max_tokens: int = Field(..., ge=0, description="tokens to generate at most")
+    max_tokens: JsonInt = Field(..., ge=0, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
-    top_k: int = Field(0, ge=0, description="sample among the k likeliest tokens; 0 = no limit")
+    top_k: JsonInt = Field(0, ge=0, description="sample among the k likeliest tokens; 0 = no limit")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: smallest set with this much mass")
     repetition_penalty: float = Field(
         1.0, gt=0.0, le=100.0, description=">1 discourages tokens in this request's prompt and output"
     )
     stop: list[str] = Field(default_factory=list, description="stop before any of these strings (excluded)")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed + same inputs = same text")
-    logprobs: int = Field(0, ge=0, description="report this many top alternatives per generated token")
+    seed: Annotated[int, Field(ge=0, lt=2**63), BeforeValidator(integral)] | None = Field(
+        None, description="same seed + same inputs = same text"
+    )
+    logprobs: JsonInt = Field(0, ge=0, description="report this many top alternatives per generated token")
     stream: bool = Field(False, description="answer with Server-Sent Events, one per token")
 
     _prompt = field_validator("prompt")(_text_cap)
@@ -114,7 +126,7 @@ class GenerateRequest(SessionRef):
 
 class NextRequest(SessionRef):
     text: str = Field("", description="text to append before predicting")
-    top_n: int = Field(10, ge=0, description="how many likeliest tokens to list; 0 = the whole vocabulary")
+    top_n: JsonInt = Field(10, ge=0, description="how many likeliest tokens to list; 0 = the whole vocabulary")
     commit: bool = Field(
         False, description="advance the session by `text`; the default, false, is a peek that changes nothing"
     )
@@ -148,7 +160,7 @@ class TokenizeRequest(Request):
 
 
 class DetokenizeRequest(Request):
-    ids: list[int]
+    ids: list[JsonInt]
 
     @field_validator("ids")
     @classmethod

@@ -157,7 +157,10 @@ def sse_events(data: bytes) -> list[dict[str, Any]]:
 
 
 def stream_schema(document: dict[str, Any]) -> dict[str, Any]:
-    return dict(document["paths"]["/generate"]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"])
+    """The schema of one event's `data` JSON (the event object's contentSchema)."""
+    event = document["paths"]["/generate"]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert event["properties"]["data"]["contentMediaType"] == "application/json"
+    return dict(event["properties"]["data"]["contentSchema"])
 
 
 def component(name: str) -> dict[str, str]:

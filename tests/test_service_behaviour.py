@@ -139,7 +139,8 @@ def test_openapi_is_valid_and_matches_routes(app: Flask) -> None:
     assert "max_tokens" in schema["required"]
     assert {"200", "404", "409", "422", "503"} <= set(generate["responses"])
     # the stream is described by the schema of its events: token events, then a final or error one
-    stream = generate["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    event = generate["responses"]["200"]["content"]["text/event-stream"]["schema"]  # one event: its data is JSON
+    stream = event["properties"]["data"]["contentSchema"]
     events = doc["components"]["schemas"][stream["$ref"].split("/")[-1]]["anyOf"]
     assert [e["$ref"].split("/")[-1] for e in events] == ["GeneratedToken", "StreamFinal", "ErrorResponse"]
     # operationIds are what generated clients name their functions: the view functions' names

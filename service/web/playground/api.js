@@ -33,12 +33,17 @@ function exactIntegers(key, value, context) {
   return inexact && context?.source ? context.source : value;
 }
 
+// An integer of 16 digits or more (not a float's digits): only those can be past 2^53.
+const LONG_INTEGER = /(?<![\d.])\d{16,}(?![\d.eE])/;
+
 function parseJson(text) {
-  return JSON.parse(text, exactIntegers);
+  // the reviver runs for every value: only for a text that may need it (a token event does not)
+  return LONG_INTEGER.test(text) ? JSON.parse(text, exactIntegers) : JSON.parse(text);
 }
 
 /** One SSE block ("data: {...}" lines) as its JSON, or null for a comment or keep-alive. */
 function parseEvent(block) {
+  if (block.startsWith("data: ") && !block.includes("\n")) return parseJson(block.slice(6)); // a token's
   const data = block
     .split(/\r?\n/)
     .filter((line) => line.startsWith("data:"))
@@ -83,21 +88,24 @@ export class Api {
     return response.status === 204 ? null : parseJson(await response.text());
   }
 
-  /** The events of a streamed POST, yielded as arrays: whatever arrived in one read. */
+  /** The events of a streamed POST, yielded as arrays: whatever arrived in one read. Once `signal`
+   * is aborted nothing more is yielded: the fetch is aborted and what it had received is dropped. */
   async *events(path, body, signal) {
     const response = await this.send("POST", path, body, signal);
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder(); // not a TextDecoderStream: a pipe adds work to every read
     let buffer = "";
     let finished = false;
     try {
       for (;;) {
         const { value, done } = await reader.read();
-        if (done) break;
-        buffer += value;
+        signal?.throwIfAborted(); // a read that raced the abort
+        buffer += done ? decoder.decode() : decoder.decode(value, { stream: true });
         const blocks = buffer.split(/\r?\n\r?\n/);
         buffer = blocks.pop(); // an event not complete yet
         const events = blocks.map(parseEvent).filter((event) => event !== null);
         if (events.length) yield events;
+        if (done) break;
       }
       finished = true;
     } finally {

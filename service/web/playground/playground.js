@@ -2,7 +2,7 @@
 // and watch the next-token distribution (POST /next, a peek: commit false) as you type.
 import { Api, ApiError } from "./api.js";
 import { Distribution } from "./distribution.js";
-import { Pending, render } from "./transcript.js";
+import { Pending, Transcript } from "./transcript.js";
 
 const KEY_STORAGE = "lstm-lm.api-key"; // /docs reads it too
 
@@ -29,6 +29,7 @@ const el = {
 };
 
 const api = new Api(() => el.apiKey.value.trim());
+const transcript = new Transcript(el.output);
 
 // The sessions this page made, by id: {label, tokens, pieces}. `current` is the one shown.
 const branches = new Map();
@@ -85,7 +86,7 @@ function addBranch(id, tokens, pieces, origin) {
 function select(id) {
   current = id;
   el.sessions.value = id ?? "";
-  render(el.output, id ? branches.get(id).pieces : []);
+  transcript.render(id ? branches.get(id).pieces : []);
   refreshControls();
 }
 
@@ -172,11 +173,17 @@ async function generate(mode) {
     let final = null;
     for await (const events of api.events("generate", body, controller.signal)) {
       if (!pending) {
-        pending = new Pending(el.output, branch.pieces, prompt);
+        pending = new Pending(transcript, branch.pieces, prompt);
+        // a stop draws nothing more at once, whatever is still queued or in flight
+        controller.signal.addEventListener("abort", () => pending.halt(), { once: true });
         if (el.prompt.value === prompt) el.prompt.value = ""; // it is on its way into the session
       }
-      pending.append(events.filter((e) => "token" in e));
-      final = events.find((e) => !("token" in e)) ?? final;
+      const tokens = [];
+      for (const event of events) {
+        if ("token" in event) tokens.push(event);
+        else final = event;
+      }
+      pending.append(tokens); // drawn at the next animation frame
     }
     if (!final) throw new ApiError(0, "stream_cut", "the stream ended before its final event: nothing was saved");
     if (final.error) throw new ApiError(null, final.error.code, final.error.message, final.error.details);
