@@ -67,7 +67,7 @@ def limits() -> Limits:
 def parse(model: type[T], *, allow_empty: bool = False) -> T:
     """The JSON body validated against `model` (415 if not JSON, 400 if malformed, 422 if invalid)."""
     raw = request.get_data(cache=True)
-    if not raw.strip() and allow_empty:
+    if not raw and allow_empty:  # no body at all; whitespace is not JSON
         data: Any = {}
     else:
         if not request.is_json:

@@ -281,6 +281,8 @@ def _state_limits(document: dict[str, Any]) -> None:
             "required": ["top_logprobs"],
         }
         schemas["ChatRequest"]["then"] = {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}
+        both = ["max_tokens", "max_completion_tokens"]  # the same cap under two names: send one
+        schemas["ChatRequest"]["not"] = {"required": both, "properties": {n: {"type": "integer"} for n in both}}
     prompt = schemas.get("CompletionRequest", {}).get("properties", {}).get("prompt", {})
     for branch in prompt.get("anyOf", []):
         if branch.get("type") == "array":  # one prompt per request, also as a list

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.redis_client import TLS, valid_url
 
@@ -75,7 +75,7 @@ class Settings(BaseModel):
     redis_url: str | None = None  # None: the embedded in-process store (one worker only)
     session_ttl_seconds: int = Field(86_400, ge=1)
     memory_store_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
-    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_body_bytes: int = Field(2_097_152, ge=1024)
     max_prompt_chars: int = Field(100_000, ge=1)
     max_tokens_limit: int = Field(2_048, ge=1)
     max_top_n: int = Field(1_000, ge=1)
@@ -129,6 +129,18 @@ class Settings(BaseModel):
                 raise ValueError(f"{exc}; use e.g. 120/minute or 10/second;1000/hour") from exc
         return v
 
+    @model_validator(mode="after")
+    def _body_holds_the_longest_text(self) -> Settings:
+        # a text of MAX_PROMPT_CHARS characters can take 12 bytes each as JSON (an escaped surrogate
+        # pair): a smaller body cap would refuse with 413 what the text cap promises to accept
+        need = 12 * self.max_prompt_chars + 4096
+        if self.max_body_bytes < need:
+            raise ValueError(
+                f"MAX_BODY_BYTES={self.max_body_bytes} cannot hold a MAX_PROMPT_CHARS={self.max_prompt_chars} "
+                f"text sent as JSON (up to 12 bytes a character): set MAX_BODY_BYTES >= {need}"
+            )
+        return self
+
     def redis_tls(self) -> TLS:
         return TLS(self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
 
@@ -171,7 +183,10 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             field_to_var = {v: k for k, v in ENV_VARS.items()}
-            problems = "; ".join(f"{field_to_var.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(
+                f"{field_to_var.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" if e["loc"] else e["msg"]
+                for e in exc.errors()
+            )
             raise SettingsError(f"invalid settings: {problems}") from exc
 
     def check_store(self) -> None:

@@ -108,9 +108,9 @@ def test_transport_errors(client: FlaskClient, path: str) -> None:
 
 
 def test_body_too_large(make_app: AppFactory) -> None:
-    client = make_app(max_body_bytes=2048).test_client()
-    err = assert_error(client.post("/score", json={"text": "x" * 5000}), 413, "body_too_large")
-    assert "2048" in err["message"]
+    client = make_app(max_body_bytes=8192, max_prompt_chars=100).test_client()
+    err = assert_error(client.post("/score", json={"text": "x" * 9000}), 413, "body_too_large")
+    assert "8192" in err["message"]
 
 
 def test_unknown_routes_and_sessions(client: FlaskClient) -> None:
@@ -186,3 +186,11 @@ def test_integral_floats_are_integers(client: Any) -> None:
     assert r.status_code == 200 and r.get_json()["usage"]["completion_tokens"] == 5
     assert client.post("/next", json={"top_n": 2.0}).status_code == 200
     assert client.post("/detokenize", json={"ids": [2.0, 3.0]}).status_code == 200
+
+
+def test_the_body_cap_holds_the_longest_text() -> None:
+    from service.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="MAX_BODY_BYTES"):
+        Settings.from_env({"MAX_PROMPT_CHARS": "200000"})  # 2.4 MB of escaped JSON > the 2 MiB default
+    Settings.from_env({"MAX_PROMPT_CHARS": "200000", "MAX_BODY_BYTES": "2404096"})

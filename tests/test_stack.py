@@ -204,12 +204,12 @@ def test_every_response_names_its_replica_and_both_serve(stack: Stack) -> None:
 
 
 def test_an_oversized_body_gets_the_json_413(stack: Stack) -> None:
-    too_big = b"{" + b" " * (1 << 20)  # MAX_BODY_BYTES (1 MiB) + 1
+    too_big = b"{" + b" " * (2 << 20)  # MAX_BODY_BYTES (2 MiB) + 1
     r = requests.post(f"{stack.base}/generate", data=too_big, headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 413 and r.headers["Content-Type"] == "application/json"
     assert_json_error(r.content, "body_too_large")
     # chunked: no Content-Length to refuse up front, nginx counts as it reads
-    chunks = iter([b" " * 65536] * 17)
+    chunks = iter([b" " * 65536] * 33)
     r = requests.post(f"{stack.base}/score", data=chunks, headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 413
     assert_json_error(r.content, "body_too_large")
