@@ -1,6 +1,6 @@
 """Run every benchmark and write bench/results/*.json plus bench/results/summary.md.
 
-    python -m bench.run [--checkpoint DIR] [--quick]
+    python -m bench.run [--checkpoint DIR] [--quick] [--replicas]
 
 Each figure is a ratio against a baseline measured in the same run on the same machine; nothing
 here is asserted by the tests (speed lives in benchmarks, not in tests).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import decode, prefill, service
+from . import decode, prefill, replicas, service
 from .common import DEFAULT_CHECKPOINT, RESULTS, ROOT, environment, save
 
 
@@ -22,6 +22,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="gunicorn workers for the service benchmark (one per core)")
     p.add_argument("--seconds", type=float, default=20, help="measurement window per client count")
     p.add_argument("--quick", action="store_true", help="short windows and fewer tokens (a smoke run)")
+    p.add_argument(
+        "--replicas",
+        action="store_true",
+        help="also run bench.replicas: nginx in front of 1, 2 and 3 replicas (scripts/stack.sh; needs nginx)",
+    )
     p.add_argument(
         "--update-readme",
         action="store_true",
@@ -36,14 +41,22 @@ def main() -> None:
     s = service.run(args.checkpoint, args.workers, [1, 8] if args.quick else [1, 8, 32, 64], seconds, 100)
     save("service", s)
     naive = d["tokens_per_second"]["naive nn.LSTM per token"]
+    sections = [
+        "## Decode\n\n" + decode.report(d),
+        "## Prefill\n\n" + prefill.report(pf),
+        "## Service (gunicorn + Redis, loopback)\n\n" + service.report(s, naive),
+    ]
+    if args.replicas:
+        rp = replicas.run(args.checkpoint, [1, 2, 3], 8 if args.quick else 32, seconds, 100)
+        save("replicas", rp)
+        sections.append("## Replicas (nginx in front, scripts/stack.sh)\n\n" + replicas.report(rp))
     env = environment()
+    flags = (" --quick" if args.quick else "") + (" --replicas" if args.replicas else "")
     summary = "\n\n".join(
         [
             f"# Benchmarks: {Path(args.checkpoint).name}\n\n{env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
-            f"{env['date']}. Command: `python -m bench.run{' --quick' if args.quick else ''}`",
-            "## Decode\n\n" + decode.report(d),
-            "## Prefill\n\n" + prefill.report(pf),
-            "## Service (gunicorn + Redis, loopback)\n\n" + service.report(s, naive),
+            f"{env['date']}. Command: `python -m bench.run{flags}`",
+            *sections,
         ]
     )
     (RESULTS / "summary.md").write_text(summary + "\n")

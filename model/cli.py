@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -14,6 +15,7 @@ import torch
 
 from .checkpoint import CheckpointError, LanguageModel, load
 from .data import CorpusError, read_texts, split_documents
+from .distributed import DistContext, process_group
 from .engine import Engine
 from .generation import Finished, GenerationParams, generate
 from .options import add_options, flag, given
@@ -31,7 +33,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "best validation loss is written to --out, with training_curve.png and history.json; "
         "resumable state goes to --out/resume. However the run stops (--max-steps, --max-minutes, early "
         "stopping, Ctrl-C or SIGTERM) it evaluates once more and leaves a loadable checkpoint of the best "
-        f"weights. Presets (times on 2 CPU cores): {presets}.",
+        f"weights. Presets (times on 2 CPU cores): {presets}. Launched by torchrun (e.g. `torchrun --standalone "
+        "--nproc-per-node 2 --no-python lstm-lm train ...`) it trains data-parallel on the gloo backend: the "
+        "--batch-size rows are shared among the processes, rank 0 validates and writes.",
     )
     p.add_argument("data", nargs="*", help="UTF-8 training files (each one a document); not needed with --resume")
     p.add_argument("--out", required=True, help="checkpoint directory to write (or resume from)")
@@ -50,6 +54,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     flags = given(args, TrainConfig)
+    ctx = DistContext.from_environ(os.environ)  # the one place a torchrun launch is read
     if args.resume:
         if args.preset:
             print("error: --preset starts a run; --resume continues one with its own settings", file=sys.stderr)
@@ -66,15 +71,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        cfg = replace(TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))), **flags)
-        path.write_text(json.dumps(asdict(cfg), indent=2) + "\n")  # extending a run stretches its schedule
+        saved = TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        cfg = replace(saved, out_dir=str(out), **flags)  # --out wins: a copied run resumes where it is
+        if ctx.is_main:  # extending a run stretches its schedule; replaced whole, as other ranks read it
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            os.replace(tmp, path)
     else:
         if not args.data:
             print("error: give at least one training file (or --resume)", file=sys.stderr)
             return 2
         preset = PRESETS[args.preset].settings if args.preset else {}
         cfg = TrainConfig(data=[str(p) for p in args.data], out_dir=str(out), **{**preset, **flags})
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    with process_group(ctx):
+        result = train(cfg, resume=args.resume, progress=not args.no_progress, dist=ctx)
+    if not ctx.is_main:
+        return 0
     best = result.best_val
     summary: dict[str, object] = {"steps": result.steps, "stopped": result.stopped, "checkpoint": str(out)}
     if best is not None:

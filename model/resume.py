@@ -3,6 +3,10 @@
 What `--resume` needs to continue *exactly*: weights, optimizer moments, the LR schedule's
 state, the global and data RNG states, the step (which fixes the data position), the LSTM
 state carried across windows, and the history so far.
+
+A distributed run writes the same one file (from rank 0): the carried state of every rank's rows
+gathered into the rows of the global batch, and each rank's global RNG (its dropout masks) as
+`rng.torch` (rank 0, as a one-process run) and `rng.torch.<rank>` for the others.
 """
 
 from __future__ import annotations
@@ -52,14 +56,18 @@ def save_resume_state(
     carried: list[Tensor],
     data_rng: Tensor,
     info: dict[str, Any],
+    torch_rngs: list[Tensor] | None = None,
 ) -> None:
-    """Write the resume directory; state.json is replaced last so a crash leaves the old pair."""
+    """Write the resume directory; state.json is replaced last so a crash leaves the old pair.
+    `torch_rngs`: each rank's global RNG state in rank order (default: this process's)."""
     directory.mkdir(parents=True, exist_ok=True)
     opt_tensors, opt_meta = _split_optimizer(optimizer_state)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model_state.items()}
     tensors.update(opt_tensors)
     tensors.update({f"carried.{i}": t.contiguous() for i, t in enumerate(carried)})
-    tensors["rng.torch"] = torch.get_rng_state()
+    rngs = torch_rngs if torch_rngs is not None else [torch.get_rng_state()]
+    tensors["rng.torch"] = rngs[0]
+    tensors.update({f"rng.torch.{rank}": rng for rank, rng in enumerate(rngs) if rank > 0})
     tensors["rng.data"] = data_rng
     step = info["step"]
     tensor_name = f"tensors-{step}.safetensors"
@@ -74,7 +82,8 @@ def save_resume_state(
 
 
 def load_resume_state(directory: Path) -> dict[str, Any]:
-    """Read what save_resume_state wrote. Keys: info, model, optimizer, carried, data_rng, torch_rng."""
+    """Read what save_resume_state wrote. Keys: info, model, optimizer, carried, data_rng and
+    torch_rngs (the global RNG state of every saved rank, in rank order; one for a one-process run)."""
     path = directory / STATE_JSON
     if not path.is_file():
         raise FileNotFoundError(f"no resumable training state in {directory} (missing {STATE_JSON})")
@@ -82,11 +91,13 @@ def load_resume_state(directory: Path) -> dict[str, Any]:
     tensors = load_file(str(directory / info.pop("tensors")))
     opt_meta = info.pop("optimizer")
     carried = [tensors[f"carried.{i}"] for i in range(sum(1 for k in tensors if k.startswith("carried.")))]
+    ranks = 1 + sum(1 for k in tensors if k.startswith("rng.torch."))
+    torch_rngs = [tensors["rng.torch"], *(tensors[f"rng.torch.{r}"] for r in range(1, ranks))]
     return {
         "info": info,
         "model": {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")},
         "optimizer": _join_optimizer(tensors, opt_meta),
         "carried": carried,
         "data_rng": tensors["rng.data"],
-        "torch_rng": tensors["rng.torch"],
+        "torch_rngs": torch_rngs,
     }

@@ -1,4 +1,8 @@
-"""Training: truncated BPTT with carried state, AdamW, warm-up + cosine/plateau, exact resume."""
+"""Training: truncated BPTT with carried state, AdamW, warm-up + cosine/plateau, exact resume.
+
+One process, or data-parallel across torchrun's processes (model/distributed.py): each rank trains
+its share of the batch's rows, DDP averages the gradients, and every rank keeps the same run state
+(step, schedule, history, best result) while only rank 0 validates and writes files."""
 
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ from tqdm import tqdm
 from .chat import TEMPLATES, template_named
 from .checkpoint import save_checkpoint, weights_for_saving
 from .data import BatchStream, encode_documents, read_texts, split_documents
+from .distributed import SINGLE, DistContext, wrap
 from .evaluate import EvalResult, stream_nll, summarize
-from .lstm import INIT_SCHEMES, LSTMLanguageModel, ModelConfig, ModelHyperparameters, detach_state
+from .lstm import INIT_SCHEMES, LSTMLanguageModel, ModelConfig, ModelHyperparameters, State, detach_state
 from .options import option
 from .plot import plot_history
 from .resume import load_resume_state, save_resume_state
@@ -93,7 +98,9 @@ class TrainConfig(ModelHyperparameters):
         None, "stop after this much wall time, with a checkpoint of the best weights (resumable)", group="bookkeeping"
     )
     seed: int = option(1337, "seed for initialisation, dropout and data", group="bookkeeping")
-    threads: int = option(0, "torch threads (0: every core)", group="bookkeeping")
+    threads: int = option(
+        0, "torch threads per process (0: every core, shared among the processes torchrun starts)", group="bookkeeping"
+    )
     name: str | None = option(
         None, "model name recorded in config.json (default: --out's folder name)", group="bookkeeping"
     )
@@ -275,30 +282,41 @@ class Trainer:
     """One training run, fresh or resumed. `run()` steps until a stop condition and always leaves
     the best weights seen as a checkpoint in out_dir and the resumable state in out_dir/resume."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dist: DistContext = SINGLE):
         cfg.validate()
         self.cfg = cfg
+        self.dist = dist
+        self.rows = dist.rows(cfg.batch_size)  # this rank's rows of the global batch (all of them alone)
         self.out = Path(cfg.out_dir)
         self.resume_dir = self.out / RESUME_DIR
-        self.progress = progress
-        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)  # every core unless told otherwise
+        self.progress = progress and dist.is_main
+        torch.set_num_threads(dist.threads(cfg.threads, os.cpu_count()))  # the cores unless told otherwise
         texts = read_texts([Path(p) for p in cfg.data])
         train_docs, self.val_docs = split_documents(texts, cfg.val_fraction)
         saved = load_resume_state(self.resume_dir) if resume else None
-        self.tokenizer = (
-            load_tokenizer(cfg.tokenizer, self.resume_dir) if saved is not None else build_tokenizer(cfg, train_docs)
-        )
-        torch.manual_seed(cfg.seed)
+        if saved is None and dist.is_main:
+            # a fresh run: rank 0 builds the vocabulary once and the others read it (a SentencePiece
+            # model trained on each rank need not come out the same)
+            self.tokenizer = build_tokenizer(cfg, train_docs)
+            self.resume_dir.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(self.resume_dir)
+            (self.resume_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        dist.barrier()
+        if saved is not None or not dist.is_main:
+            self.tokenizer = load_tokenizer(cfg.tokenizer, self.resume_dir)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = LSTMLanguageModel(cfg.model_config(self.tokenizer.vocab_size))
         if cfg.init != "forget_bias":  # the constructor's scheme
             self.model.initialize(cfg.init)
+        if dist.rank > 0:
+            torch.manual_seed(dist.dropout_seed(cfg.seed))  # its own dropout masks (rank 0's: a lone run's)
         self.optimizer = make_optimizer(self.model, cfg)
         self.schedule = Schedule(cfg)
         self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.batches = BatchStream.from_stream(
             encode_documents(self.tokenizer, train_docs), cfg.batch_size, cfg.bptt, cfg.epoch_offset
         )
-        self.carried = self.model.init_state(cfg.batch_size)
+        self.carried = self._zero_state()
         self.step, self.elapsed = 0, 0.0
         self.history: list[dict[str, Any]] = []
         self.loss_sum, self.loss_count = 0.0, 0  # training loss since the last evaluation
@@ -306,19 +324,28 @@ class Trainer:
         self.lr = cfg.lr
         if saved is not None:
             self._restore(saved)
-        else:
-            self.resume_dir.mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save(self.resume_dir)
-            (self.resume_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        self.net = wrap(self.model, dist)  # what training calls: DDP under torchrun
+
+    def _zero_state(self) -> State:
+        return self.model.init_state(self.rows.stop - self.rows.start)
 
     def _restore(self, saved: dict[str, Any]) -> None:
         info = saved["info"]
         self.model.load_state_dict(saved["model"], strict=not self.cfg.tie_weights)
         self.optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["torch_rng"])
+        # Each rank continues its own dropout stream. A rank the saved run did not have (resumed
+        # with more processes) starts a stream of its own; the run is then no longer bit-identical
+        # to any uninterrupted one, as masks and reduction order differ with the world size anyway.
+        rngs = saved["torch_rngs"]
+        if self.dist.rank < len(rngs):
+            torch.set_rng_state(rngs[self.dist.rank])
+        else:
+            torch.manual_seed(self.dist.dropout_seed(self.cfg.seed) + info["step"])
         self.data_rng.set_state(saved["data_rng"])
-        flat = saved["carried"]
-        self.carried = tuple((flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2))
+        flat = saved["carried"]  # the global batch's rows, whatever the saved world size
+        if flat and flat[0].size(0) != self.cfg.batch_size:
+            raise ValueError(f"the resumable state holds {flat[0].size(0)} rows, not {self.cfg.batch_size}")
+        self.carried = tuple((flat[2 * i][self.rows], flat[2 * i + 1][self.rows]) for i in range(len(flat) // 2))
         self.step, self.elapsed, self.history = info["step"], info["elapsed"], info["history"]
         self.loss_sum, self.loss_count = info["loss_sum"], info["loss_count"]
         for key, value in info["schedule"].items():
@@ -326,59 +353,70 @@ class Trainer:
         self.best = EvalResult(**info["best"]) if info.get("best") else None
 
     def save_resume(self) -> None:
-        save_resume_state(
-            self.resume_dir,
-            model_state=weights_for_saving(self.model),
-            optimizer_state=self.optimizer.state_dict(),
-            carried=[t for hc in self.carried for t in hc],
-            data_rng=self.data_rng.get_state(),
-            info={
-                "step": self.step,
-                "elapsed": self.elapsed,
-                "history": self.history,
-                "loss_sum": self.loss_sum,
-                "loss_count": self.loss_count,
-                "schedule": self.schedule.state(),
-                "best": self.best.to_dict() if self.best else None,
-            },
-        )
+        """Rank 0 writes one resume file holding every rank's carried rows and RNG; weights,
+        optimizer, schedule and data position are the same on every rank."""
+        carried = self.dist.gather_rows([t for hc in self.carried for t in hc])
+        torch_rngs = self.dist.gather_each(torch.get_rng_state())
+        if self.dist.is_main:
+            save_resume_state(
+                self.resume_dir,
+                model_state=weights_for_saving(self.model),
+                optimizer_state=self.optimizer.state_dict(),
+                carried=carried,
+                data_rng=self.data_rng.get_state(),
+                torch_rngs=torch_rngs,
+                info={
+                    "step": self.step,
+                    "elapsed": self.elapsed,
+                    "history": self.history,
+                    "loss_sum": self.loss_sum,
+                    "loss_count": self.loss_count,
+                    "schedule": self.schedule.state(),
+                    "best": self.best.to_dict() if self.best else None,
+                    "world_size": self.dist.world_size,
+                },
+            )
+        self.dist.barrier()
 
     def train_step(self) -> float:
         """One optimizer step on the next window; returns its training loss."""
         cfg, batches, model = self.cfg, self.batches, self.model
         window = self.step % batches.windows_per_epoch
         if window == 0:
-            self.carried = model.init_state(cfg.batch_size)
+            self.carried = self._zero_state()
         epoch = self.step // batches.windows_per_epoch
         inputs, targets = batches.window(window, batches.epoch_offset(cfg.seed, epoch))
-        inputs = inputs.clone()
+        inputs, targets = inputs[self.rows].clone(), targets[self.rows]  # (B / ranks, T): this rank's rows
         carried = self.carried
         if cfg.reset_prob > 0:
-            restart = torch.rand(cfg.batch_size, generator=self.data_rng) < cfg.reset_prob
+            # drawn for the whole batch on every rank, so the data RNG stays in step everywhere
+            restart = (torch.rand(cfg.batch_size, generator=self.data_rng) < cfg.reset_prob)[self.rows]
             inputs[:, 0] = torch.where(restart, BOS_ID, inputs[:, 0])
             keep = (~restart).float().unsqueeze(1)
             carried = tuple((h * keep, c * keep) for h, c in carried)
         self.lr = self.schedule.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        logits, carried = model(inputs, carried)
+        logits, carried = self.net(inputs, carried)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP this also averages the gradients across ranks
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         self.optimizer.step()
         self.carried = detach_state(carried)
         self.step += 1
-        value = loss.item()
+        value = self.dist.mean(loss.item())  # the global batch's loss
         self.loss_sum, self.loss_count = self.loss_sum + value, self.loss_count + 1
         return value
 
     def evaluate(self, bar: tqdm, *, record: bool = True) -> None:
         """Score the validation split and write the checkpoint if it is the best yet. `record`:
         a scheduled evaluation, which enters the history and the schedule; the one a stop adds
-        between them only keeps the best weights (so a resumed run stays the run it continues)."""
-        cfg = self.cfg
-        result = evaluate_documents(self.model, self.tokenizer, self.val_docs)
+        between them only keeps the best weights (so a resumed run stays the run it continues).
+        Rank 0 validates and writes; every rank records the same result, so the schedule, the
+        history and early stopping agree everywhere, and the others wait until rank 0 is done."""
+        cfg, main = self.cfg, self.dist.is_main
+        result = self._shared(evaluate_documents(self.model, self.tokenizer, self.val_docs) if main else None)
         if record:
             self.history.append(
                 {
@@ -393,13 +431,16 @@ class Trainer:
             )
             self.loss_sum, self.loss_count = 0.0, 0
             self.schedule.observe(result.nats_per_char)
-            plot_history(self.history, self.out / CURVE_FILE, title=cfg.name or self.out.name)
-        bar.write(
-            f"step {self.step}: val {result.nats_per_char:.4f} nats/char ({result.bits_per_char:.4f} bits/char)"
-            + (f", train loss {self.history[-1]['train_loss']:.4f}" if record else " (at the stop)")
-        )
+            if main:
+                plot_history(self.history, self.out / CURVE_FILE, title=cfg.name or self.out.name)
+        if main:
+            bar.write(
+                f"step {self.step}: val {result.nats_per_char:.4f} nats/char ({result.bits_per_char:.4f} bits/char)"
+                + (f", train loss {self.history[-1]['train_loss']:.4f}" if record else " (at the stop)")
+            )
         if self.best is None or result.nats_per_char < self.best.nats_per_char:
             self.best = result
+        if main and self.best is result:
             save_checkpoint(
                 self.out,
                 self.model,
@@ -409,11 +450,19 @@ class Trainer:
                 metrics={"validation": result.to_dict(), "step": self.step},
                 chat_template=template_named(cfg.chat_template),
             )
+        self.dist.barrier()
+
+    def _shared(self, result: EvalResult | None) -> EvalResult:
+        """Rank 0's validation result on every rank (rebuilt from its sums as summarize built it)."""
+        sums = [result.total_nats, result.num_tokens, result.num_chars, result.unknown_chars] if result else [0.0] * 4
+        total, tokens, chars, unknown = self.dist.broadcast_floats([float(v) for v in sums])
+        return result if result is not None else summarize(total, int(tokens), int(chars), int(unknown))
 
     def run(self) -> TrainResult:
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.bptt
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
+        main = self.dist.is_main
         started = seg_start = time.monotonic()
         seg_elapsed, seg_step = self.elapsed, self.step
         stopped = "max_steps"
@@ -434,19 +483,26 @@ class Trainer:
                         break
                 elif self.step % cfg.checkpoint_interval == 0:
                     self.save_resume()
-                if cfg.max_minutes is not None and time.monotonic() - started > cfg.max_minutes * 60:
+                # a stop asked of any rank (its clock, a signal) stops every rank after the same step
+                out_of_time, signalled = self.dist.any(
+                    cfg.max_minutes is not None and time.monotonic() - started > cfg.max_minutes * 60, bool(signals)
+                )
+                if out_of_time:
                     stopped = "time_budget"
                     break
-                if signals:
+                if signalled:
                     stopped = "interrupted"
-                    bar.write(f"{signals[0]}: saving the best checkpoint and the resumable state, then stopping")
+                    if main:
+                        cause = signals[0] if signals else "a signal to another rank"
+                        bar.write(f"{cause}: saving the best checkpoint and the resumable state, then stopping")
                     break
             # however the run stopped, the best weights so far are a checkpoint
             if not self.history or self.history[-1]["step"] != self.step:
                 self.evaluate(bar, record=False)
                 self.save_resume()
         bar.close()
-        _write_history(self.out, self.history)
+        if main:
+            _write_history(self.out, self.history)
         return TrainResult(self.step, self.best, self.history, stopped)
 
 
@@ -473,9 +529,10 @@ def _stop_requests(signals: list[str]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (or continue) a model; the best checkpoint by validation loss is written to out_dir."""
-    return Trainer(cfg, resume=resume, progress=progress).run()
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dist: DistContext = SINGLE) -> TrainResult:
+    """Train (or continue) a model; the best checkpoint by validation loss is written to out_dir.
+    With `dist` (inside its process group): this rank's part of a data-parallel run."""
+    return Trainer(cfg, resume=resume, progress=progress, dist=dist).run()
 
 
 def _evals_since_best(history: list[dict[str, Any]]) -> int:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from flask import Flask, Response, current_app, jsonify, request, stream_with_context
 from pydantic import BaseModel
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import metrics
 from .errors import ApiError, not_found
@@ -67,6 +68,11 @@ def limits() -> Limits:
 def parse(model: type[T], *, allow_empty: bool = False) -> T:
     """The JSON body validated against `model` (415 if not JSON, 400 if malformed, 422 if invalid)."""
     raw = request.get_data(cache=True)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # a chunked body has no length to refuse up front: werkzeug stops reading at the limit,
+        # and what it read is a cut body, not a JSON error of the client's
+        raise RequestEntityTooLarge()
     if not raw and allow_empty:  # no body at all; whitespace is not JSON
         data: Any = {}
     else:

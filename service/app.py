@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 import torch
-from flask import Flask
+from flask import Flask, Response
 from flask.json.provider import DefaultJSONProvider
 from threadpoolctl import threadpool_limits
 
@@ -35,6 +35,18 @@ class StrictJSON(DefaultJSONProvider):
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         kwargs.setdefault("allow_nan", False)
         return super().dumps(obj, **kwargs)
+
+
+class ServiceFlask(Flask):
+    """Flask, answering an OPTIONS request (a preflight, or a client asking what a route allows)
+    with 204 and `Allow`: no HTML page, and no body that is not the one JSON shape."""
+
+    def make_default_options_response(self) -> Response:
+        response = super().make_default_options_response()
+        response.status_code = 204
+        response.set_data(b"")
+        del response.headers["Content-Type"]
+        return response
 
 
 def build_store(settings: Settings, fingerprint: str) -> SessionStore:
@@ -80,7 +92,7 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
         admission=Admission(settings.admission_tokens, settings.admission_queue, settings.admission_wait_seconds),
         generation_timeout=settings.generation_timeout_seconds,
     )
-    app = Flask(__name__)
+    app = ServiceFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json = StrictJSON(app)
     app.extensions["lm_service"] = service

@@ -112,7 +112,7 @@ class LMService:
             return decode_state(blob, self.lm.fingerprint, self.engine.state_size)
         except StateDecodeError as exc:
             metrics.STORE_ERRORS.labels("corrupt_state").inc()
-            log.error("session %s: stored state cannot be decoded: %s", session_id, exc)
+            log.error("session %s...: stored state cannot be decoded: %s", session_id[:4], exc)  # ids are secrets
             raise ApiError(
                 500, "session_state_corrupt", f"the stored state of session {session_id!r} is unreadable: {exc}"
             ) from exc

@@ -174,6 +174,9 @@ class Stack:
         self.runtime = Path(found.group(1))
         # each replica's own address, to reach one past nginx: {"replica-1": "http://127.0.0.1:PORT"}
         self.replicas = {name: f"http://{addr}" for name, addr in re.findall(r"(replica-\d+)=(\S+)", self.output())}
+        found = re.search(r"redis=(\S+)", self.output())
+        assert found, self.output()
+        self.redis_url = f"redis://{found.group(1)}/0"  # the stack's private Redis
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -189,6 +192,16 @@ class Stack:
         """stack.sh's own record: redis, replica-N, nginx -> pid."""
         lines = (self.runtime / "stack.pids").read_text().split("\n")
         return {name: int(pid) for name, pid in (line.split() for line in lines if line.strip())}
+
+    def replica_port(self, name: str) -> int:
+        """The loopback port replica `name` listens on (it keeps it across restarts)."""
+        return int(self.replicas[name].rsplit(":", 1)[1])
+
+    def replica_pids(self, name: str) -> list[int]:
+        """Replica `name`'s processes as they are now: its gunicorn master, then its workers."""
+        master = self.named_pids()[name]
+        out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout
+        return [master, *(int(p) for p in out.split())]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Signal stack.sh and wait for it to exit (its whole group is killed if it hangs): its status."""

@@ -189,3 +189,14 @@ def test_multiple_workers_without_redis_refuse_to_start(char_lm_dir: Path) -> No
     )
     assert out.returncode != 0
     assert "REDIS_URL" in out.stderr and "WEB_CONCURRENCY=2" in out.stderr
+
+
+def test_chunked_body_is_held_to_the_limit_and_options_answer_without_html(server: Gunicorn) -> None:
+    chunks = iter([b" " * 65536] * 40)  # 2.5 MiB with no Content-Length: counted as it is read
+    r = requests.post(f"{server.base}/score", data=chunks, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    small = iter([b'{"text": ', b'"To be"}'])  # chunked but small: fine
+    assert requests.post(f"{server.base}/score", data=small, headers={"Content-Type": "application/json"}).ok
+    r = requests.options(f"{server.base}/generate", timeout=10)
+    assert r.status_code == 204 and r.content == b"" and "POST" in r.headers["Allow"]
+    assert "text/html" not in r.headers.get("Content-Type", "")

@@ -1,0 +1,75 @@
+"""The decode path's targets, as ratios of figures measured in one bench.run: the HTTP path
+against the engine it runs, the engine against the bound and the peer, short requests against
+/health, many streams against the in-process scheduler. Each row says whether it is met."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import table
+
+
+def _row(name: str, value: float, target: float, at_least: bool = True) -> list[Any]:
+    met = value >= target if at_least else value <= target
+    return [name, f"{value:.2f}x", f"{'>=' if at_least else '<='} {target:g}x", "met" if met else "**missed**"]
+
+
+def rows(decode: dict[str, Any], service: dict[str, Any], onnx: dict[str, Any] | None) -> list[list[Any]]:
+    one = service["single_worker"]
+    http = one["generate_tokens_per_second"]
+    engine = decode["tokens_per_second"]["engine (fused numpy step)"]  # at decode["threads"], like the worker
+    naive = decode["tokens_per_second"]["naive nn.LSTM per token"]
+    out = [
+        _row("batch-1 /generate over HTTP / engine in process (same threads)", http / engine, 0.8),
+        _row(
+            "batch-1 /generate over HTTP / weight-sweep bound (same threads)",
+            http / decode["bound_tokens_per_second"],
+            0.7,
+        ),
+        _row(
+            "/generate of 10 tokens / /health (median latency)",
+            one["generate_10_tokens_ms"] / one["health_ms"],
+            5,
+            False,
+        ),
+        _row("/next on a session / /health (median latency)", one["next_session_ms"] / one["health_ms"], 3, False),
+    ]
+    loads = {x["clients"]: x for x in service["load"]}
+    if 32 in loads:
+        streams = loads[32]["aggregate_tokens_per_second"]
+        out.append(_row("32 SSE streams (2 workers) / naive nn.LSTM loop", streams / naive, 20))
+        scheduler = decode.get("scheduler_tokens_per_second", {})
+        rate32 = scheduler.get(32) or scheduler.get("32")
+        if rate32:
+            out.append(_row("32 SSE streams / in-process scheduler at 32 rows", streams / rate32, 0.5))
+        out.append(
+            [
+                "32 SSE streams: errors",
+                str(loads[32]["errors"]),
+                "0",
+                "met" if loads[32]["errors"] == 0 else "**missed**",
+            ]
+        )
+    if onnx and "rows" in onnx:
+        by_threads = {r["threads"]: r for r in onnx["rows"]}
+        if 2 in by_threads:
+            out.append(
+                _row(
+                    "batch-1 /generate over HTTP / onnxruntime loop at 2 threads",
+                    http / by_threads[2]["onnxruntime"],
+                    1.0,
+                )
+            )
+        for t, r in sorted(by_threads.items()):
+            out.append(
+                _row(
+                    f"engine / onnxruntime loop, {t} thread{'s' if t > 1 else ''}", r["engine"] / r["onnxruntime"], 1.3
+                )
+            )
+    cont = service["continuation"]
+    out.append(_row("/next on a 10,000-token session / on a 10-token one", cont["long_vs_short"], 1.2, False))
+    return out
+
+
+def report(decode: dict[str, Any], service: dict[str, Any], onnx: dict[str, Any] | None) -> str:
+    return table(["target", "measured", "target", ""], rows(decode, service, onnx))
