@@ -4,7 +4,7 @@ Procfile gunicorns of one worker each, nginx in front) serving the shipped model
 - aggregate streaming throughput through nginx at 1, 2 and 3 replicas: concurrent clients, each
   streaming /generate (100 tokens a request) on its own session (bench.load.run_load); first-token
   latency p50/p99, errors, and how nginx spread the requests over the replicas;
-- Redis round trips: INFO commandstats (and Redis's count of socket reads) before and after a fixed
+- Redis round trips: INFO commandstats (and Redis's count of reply writes) before and after a fixed
   number of streamed requests on sessions, at two lengths: what a request costs Redis, and that a
   token costs nothing.
 
@@ -41,10 +41,12 @@ ROLES = {
 
 
 def _redis_counts(client: redis.Redis) -> tuple[Counter[str], int]:
-    """Calls per command so far, and Redis's count of socket reads (one per round trip)."""
+    """Calls per command so far, and how many times Redis has written replies to its clients: once
+    per round trip (a pipeline's replies go out together; a large command may arrive in several
+    socket reads, so reads would overcount)."""
     stats = client.info("commandstats")
     calls: Counter[str] = Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()})
-    return calls, int(client.info("stats")["total_reads_processed"])
+    return calls, int(client.info("stats")["total_writes_processed"])
 
 
 def _stream(base: str, body: dict[str, Any]) -> None:
@@ -64,9 +66,9 @@ def redis_round_trips(stack: Stack, requests_per_length: int, lengths: tuple[int
     """Redis commands and round trips per streamed request on a session, at each length."""
     client = redis.Redis.from_url(stack.redis_url)
     # what our own INFO calls cost between two snapshots, taken away below
-    calls_a, reads_a = _redis_counts(client)
-    calls_b, reads_b = _redis_counts(client)
-    own_calls, own_reads = calls_b - calls_a, reads_b - reads_a
+    calls_a, writes_a = _redis_counts(client)
+    calls_b, writes_b = _redis_counts(client)
+    own_calls, own_writes = calls_b - calls_a, writes_b - writes_a
     out: dict[str, Any] = {"requests": requests_per_length, "per_request": {}}
     for max_tokens in lengths:
         sessions = []
@@ -74,15 +76,15 @@ def redis_round_trips(stack: Stack, requests_per_length: int, lengths: tuple[int
             r = requests.post(f"{stack.base}/sessions", json={"text": "ROMEO:\n"}, timeout=60)
             r.raise_for_status()
             sessions.append(r.json()["session_id"])
-        calls_before, reads_before = _redis_counts(client)
+        calls_before, writes_before = _redis_counts(client)
         for i, sid in enumerate(sessions):
             _stream(stack.base, {"session_id": sid, "max_tokens": max_tokens, "temperature": 0.8, "seed": i})
-        calls_after, reads_after = _redis_counts(client)
+        calls_after, writes_after = _redis_counts(client)
         calls = calls_after - calls_before - own_calls
         n = requests_per_length
         out["per_request"][str(max_tokens)] = {
             "commands": {name: c / n for name, c in sorted(calls.items()) if c},
-            "round_trips": (reads_after - reads_before - own_reads) / n,
+            "round_trips": (writes_after - writes_before - own_writes) / n,
         }
     client.close()
     return out
@@ -126,6 +128,10 @@ def run(
     }
 
 
+def _replicas(n: int) -> str:
+    return f"{n} replica" + ("" if n == 1 else "s")
+
+
 def report(r: dict[str, Any]) -> str:
     base = r["runs"][0]["aggregate_tokens_per_second"]
     rows = []
@@ -148,7 +154,7 @@ def report(r: dict[str, Any]) -> str:
         [
             "replicas (1 worker each)",
             "tokens/s",
-            f"vs {r['runs'][0]['replicas']} replica",
+            f"vs {_replicas(r['runs'][0]['replicas'])}",
             "first token ms p50",
             "first token ms p99",
             "s/request p50",
@@ -182,7 +188,7 @@ def report(r: dict[str, Any]) -> str:
     ]
     rows.append(
         [
-            "**round trips** (Redis socket reads)",
+            "**round trips** (Redis reply writes)",
             f"{short['round_trips']:.2f}",
             f"{long['round_trips']:.2f}",
             per_token(short["round_trips"], long["round_trips"]),
@@ -190,7 +196,7 @@ def report(r: dict[str, Any]) -> str:
     )
     text += table(
         [
-            f"Redis per streamed request on a session ({r['runs'][-1]['replicas']} replicas)",
+            f"Redis per streamed request on a session ({_replicas(r['runs'][-1]['replicas'])})",
             f"{lengths[0]} tokens",
             f"{lengths[-1]} tokens",
             "per extra token",
@@ -199,7 +205,7 @@ def report(r: dict[str, Any]) -> str:
     )
     text += (
         f"\n\nmeans over {trips['requests']} requests of each length, from INFO commandstats and INFO stats "
-        "(total_reads_processed) before and after"
+        "(total_writes_processed) before and after"
     )
     return text
 

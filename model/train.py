@@ -458,7 +458,10 @@ class Trainer:
         total, tokens, chars, unknown = self.dist.broadcast_floats([float(v) for v in sums])
         return result if result is not None else summarize(total, int(tokens), int(chars), int(unknown))
 
-    def run(self) -> TrainResult:
+    def run(self, signals: list[str] | None = None) -> TrainResult:
+        """Train until a stop condition. `signals` collects the names of stop signals received
+        (see _stop_requests, which train() installs around the whole run)."""
+        signals = [] if signals is None else signals
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.bptt
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
@@ -466,40 +469,38 @@ class Trainer:
         started = seg_start = time.monotonic()
         seg_elapsed, seg_step = self.elapsed, self.step
         stopped = "max_steps"
-        signals: list[str] = []
         self.model.train()
-        with _stop_requests(signals):
-            while self.step < cfg.max_steps:
-                loss = self.train_step()
-                self.elapsed = seg_elapsed + time.monotonic() - seg_start
-                bar.update(1)
-                rate = tokens_per_step * (self.step - seg_step) / max(self.elapsed - seg_elapsed, 1e-9)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", lr=f"{self.lr:.2e}", refresh=False)
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
-                    self.evaluate(bar)
-                    self.save_resume()
-                    if cfg.early_stop_patience and _evals_since_best(self.history) >= cfg.early_stop_patience:
-                        stopped = "early_stop"
-                        break
-                elif self.step % cfg.checkpoint_interval == 0:
-                    self.save_resume()
-                # a stop asked of any rank (its clock, a signal) stops every rank after the same step
-                out_of_time, signalled = self.dist.any(
-                    cfg.max_minutes is not None and time.monotonic() - started > cfg.max_minutes * 60, bool(signals)
-                )
-                if out_of_time:
-                    stopped = "time_budget"
-                    break
-                if signalled:
-                    stopped = "interrupted"
-                    if main:
-                        cause = signals[0] if signals else "a signal to another rank"
-                        bar.write(f"{cause}: saving the best checkpoint and the resumable state, then stopping")
-                    break
-            # however the run stopped, the best weights so far are a checkpoint
-            if not self.history or self.history[-1]["step"] != self.step:
-                self.evaluate(bar, record=False)
+        while self.step < cfg.max_steps:
+            loss = self.train_step()
+            self.elapsed = seg_elapsed + time.monotonic() - seg_start
+            bar.update(1)
+            rate = tokens_per_step * (self.step - seg_step) / max(self.elapsed - seg_elapsed, 1e-9)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", lr=f"{self.lr:.2e}", refresh=False)
+            if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                self.evaluate(bar)
                 self.save_resume()
+                if cfg.early_stop_patience and _evals_since_best(self.history) >= cfg.early_stop_patience:
+                    stopped = "early_stop"
+                    break
+            elif self.step % cfg.checkpoint_interval == 0:
+                self.save_resume()
+            # a stop asked of any rank (its clock, a signal) stops every rank after the same step
+            out_of_time, signalled = self.dist.any(
+                cfg.max_minutes is not None and time.monotonic() - started > cfg.max_minutes * 60, bool(signals)
+            )
+            if out_of_time:
+                stopped = "time_budget"
+                break
+            if signalled:
+                stopped = "interrupted"
+                if main:
+                    cause = signals[0] if signals else "a signal to another rank"
+                    bar.write(f"{cause}: saving the best checkpoint and the resumable state, then stopping")
+                break
+        # however the run stopped, the best weights so far are a checkpoint
+        if not self.history or self.history[-1]["step"] != self.step:
+            self.evaluate(bar, record=False)
+            self.save_resume()
         bar.close()
         if main:
             _write_history(self.out, self.history)
@@ -532,7 +533,9 @@ def _stop_requests(signals: list[str]) -> Iterator[None]:
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dist: DistContext = SINGLE) -> TrainResult:
     """Train (or continue) a model; the best checkpoint by validation loss is written to out_dir.
     With `dist` (inside its process group): this rank's part of a data-parallel run."""
-    return Trainer(cfg, resume=resume, progress=progress, dist=dist).run()
+    signals: list[str] = []
+    with _stop_requests(signals):  # from the start: a stop during the set-up still ends with a checkpoint
+        return Trainer(cfg, resume=resume, progress=progress, dist=dist).run(signals)
 
 
 def _evals_since_best(history: list[dict[str, Any]]) -> int:

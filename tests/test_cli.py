@@ -93,3 +93,40 @@ def test_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
     bad.write_bytes("caf\xe9".encode("latin-1") * 100)
     r = cli("train", str(bad), "--out", str(tmp_path / "o"), "--no-progress")
     assert r.returncode != 0 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_stops_with_a_checkpoint(tiny_corpus: Path, tmp_path: Path) -> None:
+    """Ctrl-C or SIGTERM mid-run: the run evaluates once more, writes its best weights and its
+    resumable state, and says how it stopped."""
+    import signal
+    import time
+
+    out = tmp_path / "m"
+    proc = subprocess.Popen(
+        [*CLI, "train", str(tiny_corpus), "--out", str(out), "--preset", "tiny", "--max-steps", "100000",
+         "--eval-interval", "100000", "--threads", "1", "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "resume" / "train_config.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # some steps, and no scheduled evaluation yet
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["stopped"] == "interrupted" and summary["steps"] > 0 and summary["val_nats_per_char"] > 0
+    assert "SIGTERM" in stderr + stdout
+    r = cli("sample", str(out), "--prompt", "A", "--length", "5", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    r = cli("train", "--out", str(out), "--resume", "--max-steps", str(summary["steps"] + 2), "--no-progress")
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["steps"] == summary["steps"] + 2
+
+
+def test_presets_are_in_the_help_with_their_times() -> None:
+    out = cli("train", "--help").stdout
+    for preset in ("tiny", "small", "shakespeare"):
+        assert preset in out
+    assert "3 minutes" in out and "20 minutes" in out

@@ -285,11 +285,12 @@ def test_a_replica_killed_mid_stream_costs_only_its_own_requests(stack: Stack) -
         Stream(victim, {"session_id": streaming, "max_tokens": LONG, **sampled}),
         Stream(victim, {"prompt": "KING:", "max_tokens": LONG, **sampled}),
     ]
-    survivors = [  # long enough to be in flight at the kill; they must all end well
-        Stream(stack.replicas[name], {"session_id": sid, "max_tokens": 4000, **sampled})
+    # the others: long enough to be in flight at the kill, and they must all end well
+    survivors = [
+        Stream(stack.replicas[name], {"session_id": sid, "max_tokens": LONG, **sampled})
         for name, (sid, _) in others.items()
     ]
-    via_nginx = [Stream(stack.base, {"prompt": "KING:", "max_tokens": 4000, **sampled}) for _ in range(3)]
+    via_nginx = [Stream(stack.base, {"prompt": "KING:", "max_tokens": LONG, **sampled}) for _ in range(3)]
     for s in doomed + survivors + via_nginx:
         assert s.first_token.wait(30)
     pids = stack.replica_pids("replica-1")
@@ -327,9 +328,9 @@ def test_a_replica_killed_mid_stream_costs_only_its_own_requests(stack: Stack) -
         if s in via_nginx and s.replica == "replica-1":  # nginx had put it on the victim
             assert final is None
             continue
-        assert final is not None and final.get("finish_reason") == "length" and s.tokens == 4000, (s.replica, final)
+        assert final is not None and final.get("finish_reason") == "length" and s.tokens == LONG, (s.replica, final)
     for name, (sid, tokens) in others.items():
-        assert session_tokens(stack.replicas[name], sid) == tokens + 4000
+        assert session_tokens(stack.replicas[name], sid) == tokens + LONG
 
     # the victim's sessions live on: the streamed one is as it was before its stream (nothing of a
     # cut stream is saved), and both continue exactly on the others

@@ -102,3 +102,23 @@ def test_epoch_offsets_recut_the_rows_reproducibly() -> None:
     assert offsets == [batches.epoch_offset(seed=1, epoch=e) for e in range(20)]  # recomputable on resume
     assert len(set(offsets)) > 1 and all(0 <= o <= 4 for o in offsets)
     assert BatchStream.from_stream(stream, 3, 3).epoch_offset(seed=1, epoch=5) == 0
+
+
+def test_every_way_a_run_stops_leaves_a_loadable_checkpoint(tiny_corpus: Path, tmp_path: Path) -> None:
+    """Max steps, a time budget before the first scheduled evaluation, early stopping: each run
+    ends with the best weights it saw as a checkpoint that loads and generates."""
+    from model import load
+
+    cases = {
+        "max_steps": _cfg(tiny_corpus, tmp_path / "a", max_steps=7, eval_interval=1000),
+        "time_budget": _cfg(tiny_corpus, tmp_path / "b", max_steps=10_000, eval_interval=1000, max_minutes=1e-9),
+        "early_stop": _cfg(
+            tiny_corpus, tmp_path / "c", max_steps=200, eval_interval=5, lr=1e-9, warmup_steps=0, early_stop_patience=1
+        ),
+    }
+    for reason, cfg in cases.items():
+        result = train(cfg, progress=False)
+        assert result.stopped == reason and result.best_val is not None
+        lm = load(cfg.out_dir)
+        assert lm.meta["metrics"]["validation"]["nats_per_char"] == result.best_val.nats_per_char
+        assert lm.tokenizer.decode(lm.tokenizer.encode("To be")) == "To be"
