@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .schemas import JsonInt, Limits, integral
+from .schemas import JsonInt, Limits, checked_stops, integral
 
 MAX_CHOICES = 16  # n: choices per request, decoded together in one batch
 
@@ -113,16 +113,7 @@ class _Common(_Strict):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None, info: ValidationInfo) -> list[str]:
-        stops = [] if v is None else [v] if isinstance(v, str) else v
-        limits = _limits(info)
-        if limits and len(stops) > limits.max_stop_sequences:
-            raise ValueError(f"at most {limits.max_stop_sequences} stop strings are allowed")
-        for s in stops:
-            if not s:
-                raise ValueError("stop strings must not be empty")
-            if limits and len(s) > limits.max_stop_chars:
-                raise ValueError(f"stop strings must be at most {limits.max_stop_chars} characters")
-        return stops
+        return checked_stops([] if v is None else [v] if isinstance(v, str) else v, info)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

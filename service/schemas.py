@@ -68,6 +68,19 @@ def integral(value: Any) -> Any:
 JsonInt = Annotated[int, BeforeValidator(integral)]
 
 
+def checked_stops(stops: list[str], info: ValidationInfo) -> list[str]:
+    """Stop strings within this server's caps, none empty (shared with the /v1 schemas)."""
+    limits = _limits(info)
+    if limits and len(stops) > limits.max_stop_sequences:
+        raise ValueError(f"at most {limits.max_stop_sequences} stop strings are allowed")
+    for s in stops:
+        if not s:
+            raise ValueError("stop strings must not be empty")
+        if limits and len(s) > limits.max_stop_chars:
+            raise ValueError(f"stop strings must be at most {limits.max_stop_chars} characters")
+    return stops
+
+
 class Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -113,15 +126,7 @@ class GenerateRequest(SessionRef):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        limits = _limits(info)
-        if limits and len(v) > limits.max_stop_sequences:
-            raise ValueError(f"at most {limits.max_stop_sequences} stop strings are allowed")
-        for s in v:
-            if not s:
-                raise ValueError("stop strings must not be empty")
-            if limits and len(s) > limits.max_stop_chars:
-                raise ValueError(f"stop strings must be at most {limits.max_stop_chars} characters")
-        return v
+        return checked_stops(v, info)
 
 
 class NextRequest(SessionRef):
