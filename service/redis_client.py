@@ -76,7 +76,9 @@ def connect(url: str, tls: TLS | None = None, timeout: float = 2.0) -> Client:
     scheme = url.split("://", 1)[0]
     secure = scheme.startswith("rediss")
     if secure:
-        common.update(ssl=True, **(tls or TLS()).options())
+        common.update((tls or TLS()).options())
+    if secure and "+" in scheme:  # rediss:// makes from_url use TLS itself; the others are told
+        common["ssl"] = True
     if scheme.endswith("+cluster"):
         nodes, creds = _nodes(urlsplit(url).netloc)
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **creds, **common)

@@ -38,7 +38,9 @@ class _Node:
         workdir.mkdir(parents=True, exist_ok=True)
         self.dir = workdir
         first = [str(conf)] if conf else []  # a sentinel rewrites its config file: it goes first
-        self.args = [binary, *first, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir), *args]
+        port = [] if "{port}" in args else ["--port", str(self.port)]  # a TLS node: its TLS port only
+        rest = [a.replace("{port}", str(self.port)) for a in args]
+        self.args = [binary, *first, *port, "--bind", "127.0.0.1", "--dir", str(workdir), *rest]
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -128,3 +130,46 @@ class Sentinels:
     def stop(self) -> None:
         for node in [*self.sentinels, self.replica, self.master]:
             node.stop()
+
+
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=lstm-lm test CA")  # fmt: skip
+    (directory / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2", "-extfile", "ext")  # fmt: skip
+    return {n: directory / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+class TLSNode(_Node):
+    """A redis-server speaking only TLS, requiring client certificates signed by the same CA."""
+
+    def __init__(self, workdir: Path, certs: dict[str, Path]):
+        self.certs = certs
+        super().__init__(
+            workdir,
+            "--port", "0", "--tls-port", "{port}",
+            "--tls-cert-file", str(certs["server.crt"]), "--tls-key-file", str(certs["server.key"]),
+            "--tls-ca-cert-file", str(certs["ca.crt"]), "--tls-auth-clients", "yes",
+            "--save", "", "--appendonly", "no",
+        )  # fmt: skip
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",  # the certificate's name
+            port=self.port,
+            ssl=True,
+            ssl_ca_certs=str(self.certs["ca.crt"]),
+            ssl_certfile=str(self.certs["client.crt"]),
+            ssl_keyfile=str(self.certs["client.key"]),
+            socket_timeout=2,
+        )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
-from redis_topologies import Cluster, Sentinels
+from redis_topologies import Cluster, Sentinels, TLSNode, make_certificates
 from test_sessions import FP, store_contract
 
 from model import load
@@ -125,3 +125,29 @@ def test_durability_setting_waits_for_a_replica(sentinels: Sentinels, char_lm_di
     started = time.monotonic()
     assert client.post("/sessions", json={}).status_code == 201  # no replica: written, after the wait
     assert time.monotonic() - started >= 0.9
+
+
+def test_tls_with_client_certificates(tmp_path: Path, char_lm_dir: Path) -> None:
+    """rediss:// with the TLS options from the environment (CA, client certificate and key)."""
+    certs = make_certificates(tmp_path / "certs")
+    node = TLSNode(tmp_path / "tls", certs)
+    try:
+        url = f"rediss://127.0.0.1:{node.port}/0"
+        env = {
+            "REDIS_URL": url,
+            "REDIS_TLS_CA_FILE": str(certs["ca.crt"]),
+            "REDIS_TLS_CERT_FILE": str(certs["client.crt"]),
+            "REDIS_TLS_KEY_FILE": str(certs["client.key"]),
+            "MODEL_DIR": str(char_lm_dir),
+            "TORCH_THREADS": "1",
+        }
+        app = create_app(Settings.from_env(env))
+        session_flow(app)
+        assert app.test_client().get("/ready").status_code == 200
+        # without the client certificate the server refuses the connection: 503, not a crash
+        no_cert = {k: v for k, v in env.items() if k not in ("REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE")}
+        refused = create_app(Settings.from_env(no_cert)).test_client()
+        assert refused.get("/ready").status_code == 503
+        assert refused.post("/sessions", json={}).status_code == 503
+    finally:
+        node.stop()
