@@ -73,7 +73,33 @@ def _document_refusals(schema: dict[str, Any]) -> None:
     a client (or a fuzzer) reading the document never sends what gets a 400."""
     for name, prop in schema.get("properties", {}).items():
         if name in UNSUPPORTED:
-            prop["enum"] = [None, *NEUTRAL.get(name, [])]
+            prop["anyOf"] = [_exactly(v) for v in [None, *NEUTRAL.get(name, [])]]
+
+
+_JSON_TYPES = {bool: "boolean", str: "string", int: "integer", float: "number", type(None): "null"}
+
+
+def _exactly(value: Any) -> dict[str, Any]:
+    """A typed schema that admits only `value`: typed rather than a bare `enum` of mixed JSON
+    values, which client generators cannot turn into a type."""
+    if isinstance(value, list):
+        items = [_exactly(v) for v in value]
+        return {
+            "type": "array",
+            "items": items[0] if len(items) == 1 else {},
+            "minItems": len(value),
+            "maxItems": len(value),
+        }
+    if isinstance(value, dict):
+        return {
+            "type": "object",
+            "properties": {k: _exactly(v) for k, v in value.items()},
+            "required": list(value),
+            "additionalProperties": False,
+        }
+    if value is None:
+        return {"type": "null"}
+    return {"type": _JSON_TYPES[type(value)], "enum": [value]}
 
 
 class _Strict(BaseModel):
