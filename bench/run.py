@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from . import decode, prefill, replicas, service
+from . import decode, onnx_peer, prefill, replicas, service, targets
 from .common import DEFAULT_CHECKPOINT, RESULTS, ROOT, environment, save
 
 
@@ -40,12 +41,16 @@ def main() -> None:
     save("prefill", pf)
     s = service.run(args.checkpoint, args.workers, [1, 8] if args.quick else [1, 8, 32, 64], seconds, 100)
     save("service", s)
+    onnx = _onnx(args.checkpoint, 300 if args.quick else 2000)
     naive = d["tokens_per_second"]["naive nn.LSTM per token"]
     sections = [
+        "## Targets (decode path)\n\n" + targets.report(d, s, onnx),
         "## Decode\n\n" + decode.report(d),
         "## Prefill\n\n" + prefill.report(pf),
         "## Service (gunicorn + Redis, loopback)\n\n" + service.report(s, naive),
     ]
+    if "rows" in onnx:
+        sections.insert(2, "## The peer: onnxruntime\n\n" + onnx_peer.report(onnx))
     if args.replicas:
         rp = replicas.run(args.checkpoint, [1, 2, 3], 8 if args.quick else 32, seconds, 100)
         save("replicas", rp)
@@ -63,6 +68,15 @@ def main() -> None:
     print(summary)
     if args.update_readme:
         update_readme(ROOT / "README.md", summary)
+
+
+def _onnx(checkpoint: Path, tokens: int) -> dict[str, Any]:
+    """The onnxruntime peer; without the bench extra (onnx, onnxruntime) it says it was skipped."""
+    r = onnx_peer.run(checkpoint, tokens)
+    save("onnx", r)
+    if "skipped" in r:
+        print(f"onnxruntime peer skipped: {r['skipped']}")
+    return r
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
