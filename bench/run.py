@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import decode, onnx_peer, prefill, replicas, service, targets
+from . import costly, decode, onnx_peer, prefill, replicas, service, targets
 from .common import DEFAULT_CHECKPOINT, RESULTS, ROOT, environment, save
 
 
@@ -49,6 +49,9 @@ def main() -> None:
         "## Prefill\n\n" + prefill.report(pf),
         "## Service (gunicorn + Redis, loopback)\n\n" + service.report(s, naive),
     ]
+    c = costly.run(args.checkpoint, 20_000 if args.quick else 100_000, 8)
+    save("costly", c)
+    sections.append("## Costly inputs (one worker, default settings)\n\n" + costly.report(c))
     if "rows" in onnx:
         sections.insert(2, "## The peer: onnxruntime\n\n" + onnx_peer.report(onnx))
     if args.replicas:
