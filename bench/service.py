@@ -96,11 +96,28 @@ def _median_ms(conn: http.client.HTTPConnection, method: str, path: str, body: d
     return 1000 * statistics.median(times[10:])
 
 
+def _batch1_ms(conn: http.client.HTTPConnection, tokens: int) -> float:
+    body = {"prompt": "ROMEO:\n", "max_tokens": tokens, "temperature": 1.0}
+    return _median_ms(conn, "POST", "/generate", body, 5)
+
+
+def one_thread_rate(env: dict[str, str], log: Path, tokens: int) -> float:
+    """Batch-1 /generate tokens/s of one worker held to one BLAS and one torch thread: what the
+    default (threads per worker = cores / workers) is chosen against."""
+    server = Gunicorn({**env, "WEB_CONCURRENCY": "1", "BLAS_THREADS": "1", "TORCH_THREADS": "1"}, log)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+        rate = tokens / (_batch1_ms(conn, tokens) / 1000)
+        conn.close()
+        return rate
+    finally:
+        server.stop()
+
+
 def single_worker(base: str, port: int, tokens: int) -> dict[str, Any]:
     """One worker with default settings: batch-1 rate over HTTP, and short-request latencies."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    body = {"prompt": "ROMEO:\n", "max_tokens": tokens, "temperature": 1.0}
-    gen_ms = _median_ms(conn, "POST", "/generate", body, 5)
+    gen_ms = _batch1_ms(conn, tokens)
     sid = _post(base, "/sessions", {"text": "ROMEO:\n"})["session_id"]
     short = {
         "health_ms": _median_ms(conn, "GET", "/health", None, 300),
@@ -130,6 +147,9 @@ def run(
             single = single_worker(server.base, server.port, batch1_tokens)
         finally:
             server.stop()
+        single["generate_tokens_per_second_one_thread"] = one_thread_rate(
+            base_env, tmp / "gunicorn-t1.log", batch1_tokens
+        )
         env = {**base_env, "WEB_CONCURRENCY": str(workers), "GUNICORN_THREADS": str(max(clients) + 8)}
         server = Gunicorn(env, tmp / "gunicorn.log")
         try:
@@ -161,6 +181,10 @@ def report(r: dict[str, Any], naive_tokens_per_second: float | None = None) -> s
                 one["generate_tokens_per_second"],
             ],
             ["the same streamed (SSE), tokens/s", one["stream_tokens_per_second"]],
+            [
+                "the same, not streamed, with 1 BLAS thread instead of the default",
+                one["generate_tokens_per_second_one_thread"],
+            ],
             ["GET /health, median ms", one["health_ms"]],
             ["/generate of 10 tokens, median ms", one["generate_10_tokens_ms"]],
             ["/next on a session (Redis), median ms", one["next_session_ms"]],
