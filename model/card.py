@@ -3,7 +3,9 @@ plus fresh measurements (validation fp32 and int8, decode speed fp32 and int8, a
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +27,23 @@ def train_command(training: dict[str, Any]) -> str:
     return " ".join(parts + command_flags(training, TrainConfig))
 
 
+def _median_rate(n: int, run: Callable[[], object], repeats: int = 3) -> float:
+    """Items per second, the median of a few timed runs (one run on a shared machine is noise)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return n / statistics.median(times)
+
+
 def _decode_rate(engine: Engine, tokens: int) -> float:
-    start = time.perf_counter()
-    greedy_steps(engine, tokens)
-    return tokens / (time.perf_counter() - start)
+    return _median_rate(tokens, lambda: greedy_steps(engine, tokens))
 
 
 def _prefill_rate(engine: Engine, ids: list[int]) -> float:
     engine.prefill(ids[:100], engine.start())  # warm-up
-    start = time.perf_counter()
-    engine.prefill(ids, engine.start())
-    return len(ids) / (time.perf_counter() - start)
+    return _median_rate(len(ids), lambda: engine.prefill(ids, engine.start()))
 
 
 def _sample(lm: LanguageModel, prompt: str, tokens: int, seed: int) -> str:
@@ -83,7 +91,7 @@ the service. Fingerprint `{lm.fingerprint}`.
 | tokenizer | {lm.tokenizer.kind}, {lm.tokenizer.vocab_size} tokens (ids 0 `<s>`, 1 `<unk>`); {chars_per_token:.2f} characters per token on validation |
 | network | embedding {cfg.embed_dim} -> {cfg.num_layers} x LSTM {cfg.hidden_size} -> linear{" (tied)" if cfg.tie_weights else ""} |
 | parameters | {lm.model.num_parameters():,} ({(lm.path / "model.safetensors").stat().st_size / 2**20:.1f} MiB of float32 weights) |
-| regularisation | weight drop {cfg.weight_drop}, locked dropout in/hidden/out {cfg.dropout_input}/{cfg.dropout_hidden}/{cfg.dropout_output}, embedding dropout {cfg.dropout_embed}, AdamW weight decay {training.get("weight_decay")} |
+| regularisation | weight drop {cfg.weight_drop}, {cfg.dropout_mode} dropout in/hidden/out {cfg.dropout_input}/{cfg.dropout_hidden}/{cfg.dropout_output}, embedding dropout {cfg.dropout_embed}, AdamW weight decay {training.get("weight_decay")} |
 | state per session | {2 * sum(cfg.layer_sizes) * 4:,} bytes |
 | training | {training.get("best_step")} steps of {training.get("batch_size")} x {training.get("bptt")} tokens (best checkpoint), {hours:.2f} h on 2 CPU cores |
 
@@ -96,7 +104,7 @@ the service. Fingerprint `{lm.fingerprint}`.
 
 int8 changes validation by {int8.bits_per_char - fp32.bits_per_char:+.4f} bits/char; its speed is
 {int8_rate / fp32_rate:.2f}x the float32 engine's when decoding one token at a time and
-{int8_prefill / fp32_prefill:.2f}x for a {len(prompt_ids):,}-token prefill (batch 1, 2 threads; one timed run each,
+{int8_prefill / fp32_prefill:.2f}x for a {len(prompt_ids):,}-token prefill (batch 1, 2 threads; median of three timed runs each,
 measured while writing this card). Reproduce: `lstm-lm card {lm.path}` (rewrites this file).
 
 ## Training
