@@ -46,6 +46,15 @@ need python3 "Python 3.11 is required."
 WEB=$(sed -n 's/^web:[[:space:]]*//p' Procfile)
 [ -n "$WEB" ] || die "Procfile has no web: command"
 case $REPLICAS in '' | *[!0-9]* | 0) die "REPLICAS must be a positive integer, not '$REPLICAS'" ;; esac
+case $WEB_CONCURRENCY in '' | *[!0-9]* | 0) die "WEB_CONCURRENCY must be a positive integer, not '$WEB_CONCURRENCY'" ;; esac
+# The replicas share this machine's cores: each worker gets cores / (replicas x workers) threads
+# for its decode step, not cores / workers as a lone gunicorn would take (measured: 3 replicas of
+# one worker at 2 BLAS threads each on 2 cores deliver a fifth of one replica's rate, as their
+# spinning BLAS threads preempt one another).
+CORES=$(nproc)
+PER_WORKER=$((CORES / (REPLICAS * WEB_CONCURRENCY)))
+[ "$PER_WORKER" -ge 1 ] || PER_WORKER=1
+export BLAS_THREADS=${BLAS_THREADS:-$PER_WORKER} TORCH_THREADS=${TORCH_THREADS:-$PER_WORKER}
 
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/lstm-lm-stack.XXXXXX")
 # free loopback ports, all bound at once so they differ: redis, then one per replica
