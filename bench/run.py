@@ -9,6 +9,7 @@ here is asserted by the tests (speed lives in benchmarks, not in tests).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,53 +34,73 @@ def main() -> None:
         action="store_true",
         help="also replace the README's Performance tables (between its bench markers) with this run's",
     )
-    args = p.parse_args()
-    seconds = 4 if args.quick else args.seconds
-    d = decode.run(args.checkpoint, 300 if args.quick else 2000, args.threads)
-    save("decode", d)
-    pf = prefill.run(args.checkpoint, args.threads, (100, 1000) if args.quick else (100, 1000, 10000))
-    save("prefill", pf)
-    s = service.run(args.checkpoint, args.workers, [1, 8] if args.quick else [1, 8, 32, 64], seconds, 100)
-    save("service", s)
-    onnx = _onnx(args.checkpoint, 300 if args.quick else 2000)
-    naive = d["tokens_per_second"]["naive nn.LSTM per token"]
-    sections = [
-        "## Targets (decode path)\n\n" + targets.report(d, s, onnx),
-        "## Decode\n\n" + decode.report(d),
-        "## Prefill\n\n" + prefill.report(pf),
-        "## Service (gunicorn + Redis, loopback)\n\n" + service.report(s, naive),
-    ]
-    c = costly.run(args.checkpoint, 20_000 if args.quick else 100_000, 8)
-    save("costly", c)
-    sections.append("## Costly inputs (one worker, default settings)\n\n" + costly.report(c))
-    if "rows" in onnx:
-        sections.insert(2, "## The peer: onnxruntime\n\n" + onnx_peer.report(onnx))
-    if args.replicas:
-        rp = replicas.run(args.checkpoint, [1, 2, 3], 8 if args.quick else 32, seconds, 100)
-        save("replicas", rp)
-        sections.append("## Replicas (nginx in front, scripts/stack.sh)\n\n" + replicas.report(rp))
-    env = environment()
-    flags = (" --quick" if args.quick else "") + (" --replicas" if args.replicas else "")
-    summary = "\n\n".join(
-        [
-            f"# Benchmarks: {Path(args.checkpoint).name}\n\n{env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
-            f"{env['date']}. Command: `python -m bench.run{flags}`",
-            *sections,
-        ]
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: write summary.md (and the README with --update-readme) from bench/results/*.json",
     )
+    args = p.parse_args()
+    r = _load_results(args.replicas) if args.report_only else _measure(args)
+    summary = render(r, Path(args.checkpoint).name)
     (RESULTS / "summary.md").write_text(summary + "\n")
     print(summary)
     if args.update_readme:
         update_readme(ROOT / "README.md", summary)
 
 
-def _onnx(checkpoint: Path, tokens: int) -> dict[str, Any]:
-    """The onnxruntime peer; without the bench extra (onnx, onnxruntime) it says it was skipped."""
-    r = onnx_peer.run(checkpoint, tokens)
-    save("onnx", r)
-    if "skipped" in r:
-        print(f"onnxruntime peer skipped: {r['skipped']}")
+NAMES = ("decode", "prefill", "service", "onnx", "costly", "replicas")
+
+
+def _measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    seconds = 4 if args.quick else args.seconds
+    r: dict[str, dict[str, Any]] = {}
+    r["decode"] = decode.run(args.checkpoint, 300 if args.quick else 2000, args.threads)
+    r["prefill"] = prefill.run(args.checkpoint, args.threads, (100, 1000) if args.quick else (100, 1000, 10000))
+    r["service"] = service.run(args.checkpoint, args.workers, [1, 8] if args.quick else [1, 8, 32, 64], seconds, 100)
+    r["onnx"] = onnx_peer.run(args.checkpoint, 300 if args.quick else 2000)
+    if "skipped" in r["onnx"]:
+        print(f"onnxruntime peer skipped: {r['onnx']['skipped']}")
+    r["costly"] = costly.run(args.checkpoint, 20_000 if args.quick else 100_000, 8)
+    if args.replicas:
+        r["replicas"] = replicas.run(args.checkpoint, [1, 2, 3], 8 if args.quick else 32, seconds, 100)
+    for name, result in r.items():
+        save(name, result)
     return r
+
+
+def _load_results(with_replicas: bool) -> dict[str, dict[str, Any]]:
+    names = NAMES if with_replicas else NAMES[:-1]
+    return {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in names}
+
+
+def render(r: dict[str, dict[str, Any]], model: str) -> str:
+    """The summary: every section from the results, the targets first; the date and machine are
+    the decode run's."""
+    d, s, onnx = r["decode"], r["service"], r["onnx"]
+    sections = [
+        "## Targets (decode path)\n\n" + targets.report(d, s, onnx),
+        "## Decode\n\n" + decode.report(d),
+    ]
+    if "rows" in onnx:
+        sections.append("## The peer: onnxruntime\n\n" + onnx_peer.report(onnx))
+    sections += [
+        "## Prefill\n\n" + prefill.report(r["prefill"]),
+        "## Service (gunicorn + Redis, loopback)\n\n"
+        + service.report(s, d["tokens_per_second"]["naive nn.LSTM per token"]),
+        "## Costly inputs (one worker, default settings)\n\n" + costly.report(r["costly"]),
+    ]
+    if "replicas" in r:
+        sections.append("## Replicas (nginx in front, scripts/stack.sh)\n\n" + replicas.report(r["replicas"]))
+    env = d.get("environment") or environment()
+    quick = d.get("tokens", 2000) < 2000
+    flags = (" --quick" if quick else "") + (" --replicas" if "replicas" in r else "")
+    return "\n\n".join(
+        [
+            f"# Benchmarks: {model}\n\n{env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
+            f"{env['date']}. Command: `python -m bench.run{flags}`",
+            *sections,
+        ]
+    )
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

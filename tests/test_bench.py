@@ -37,3 +37,12 @@ def test_readme_tables_are_replaced_between_markers(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "old" not in text and text.endswith(f"{END}\n\n## Next\n")
     assert f"{START}\nModel: m\n\nintro\n\n### Decode\n\n| a |\n{END}" in text
+
+
+def test_summary_renders_from_the_committed_results() -> None:
+    """bench.run --report-only: every report reads what its benchmark saved (no drift between them)."""
+    from bench.run import _load_results, render
+
+    text = render(_load_results(with_replicas=True), "shakespeare-char")
+    for section in ("Targets", "Decode", "onnxruntime", "Prefill", "Service", "Costly inputs", "Replicas"):
+        assert f"## {section}" in text or section in text, section
