@@ -19,7 +19,8 @@ what remains is the cost of each numpy call and each view it creates (~0.5-1 µs
 - state rows are laid out [h_1 .. h_L, c_1 .. c_L] (lstm.flatten_state), so layer l's input
   [h_(l-1) new, h_l old] is one contiguous slice and the layers update a copy of the rows in
   place: no concatenation, no permutation, no allocation but the result;
-- each thread keeps, per batch size, a workspace whose every view is made once.
+- each thread keeps one set of buffers (for the largest batch it has stepped) and, per batch
+  size, views of their first rows made once.
 
 Results equal nn.LSTM's to float32 rounding (tests/test_lstm.py checks max |Δ logprob| <= 1e-4).
 """
@@ -56,26 +57,26 @@ class _Layer:
 
 
 class _Workspace:
-    """Buffers for one batch size in one thread, with every view made once."""
+    """Buffers for one batch size in one thread, with every view made once: views of the first
+    `batch` rows of the thread's buffers (a row prefix of a C-contiguous array is contiguous)."""
 
-    def __init__(self, sizes: list[int], batch: int):
+    def __init__(self, sizes: list[int], buf: np.ndarray, gate_bufs: list[np.ndarray]):
         widths = sum(sizes)
-        self.buf = np.empty((batch, 2 * widths), dtype=np.float32)  # [h_1 .. h_L, c_1 .. c_L]
+        self.buf = buf  # [h_1 .. h_L, c_1 .. c_L]
         h_at = np.cumsum([0, *sizes])
         self.layers = []
-        for i, hs in enumerate(sizes):
-            gates = np.empty((batch, 4 * hs), dtype=np.float32)
+        for i, (hs, gates) in enumerate(zip(sizes, gate_bufs, strict=True)):
             self.layers.append(
                 (
-                    self.buf[:, h_at[max(i - 1, 0)] : h_at[i + 1]],  # input: [h_(l-1), h_l], or h_1
+                    buf[:, h_at[max(i - 1, 0)] : h_at[i + 1]],  # input: [h_(l-1), h_l], or h_1
                     gates,
                     gates[:, : 3 * hs],  # the sigmoid gates
                     gates[:, :hs],  # i
                     gates[:, hs : 2 * hs],  # f
                     gates[:, 2 * hs : 3 * hs],  # o
                     gates[:, 3 * hs :],  # g
-                    self.buf[:, h_at[i] : h_at[i + 1]],  # h
-                    self.buf[:, widths + h_at[i] : widths + h_at[i + 1]],  # c
+                    buf[:, h_at[i] : h_at[i + 1]],  # h
+                    buf[:, widths + h_at[i] : widths + h_at[i + 1]],  # c
                 )
             )
 
@@ -104,10 +105,20 @@ class FusedStep:
         self._local = threading.local()
 
     def _workspace(self, batch: int) -> _Workspace:
-        spaces: dict[int, _Workspace] = self._local.__dict__.setdefault("spaces", {})
+        # Every batch size's workspace in a thread views the same buffers, sized for the largest
+        # batch the thread has stepped: memory per thread is one batch's worth, however many
+        # sizes it meets (a workspace of its own per size grew to ~50 MB per request thread).
+        local = self._local.__dict__
+        spaces: dict[int, _Workspace] = local.setdefault("spaces", {})
         ws = spaces.get(batch)
         if ws is None:
-            ws = spaces[batch] = _Workspace(self.sizes, batch)
+            if batch > local.get("capacity", 0):
+                capacity = local["capacity"] = max(batch, 2 * local.get("capacity", 0))
+                local["buf"] = np.empty((capacity, 2 * sum(self.sizes)), dtype=np.float32)
+                local["gates"] = [np.empty((capacity, 4 * hs), dtype=np.float32) for hs in self.sizes]
+                spaces.clear()  # their views belong to the old buffers
+            gate_bufs = [g[:batch] for g in local["gates"]]
+            ws = spaces[batch] = _Workspace(self.sizes, local["buf"][:batch], gate_bufs)
         return ws
 
     def step(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -148,6 +148,29 @@ def test_rows_stepped_together_equal_each_alone() -> None:
     assert np.array_equal(before, kept)  # the input rows are not modified
 
 
+def test_batch_sizes_met_in_any_order_share_one_thread_buffer() -> None:
+    """A thread steps batches of growing and shrinking sizes: every result equals its rows stepped
+    alone, results already returned stay as they were, and the thread holds one set of buffers
+    sized for its largest batch, not one per size."""
+    engine = Engine(make_model())
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([engine.prefill([int(t)], engine.start()) for t in rng.integers(2, 50, 16)])
+    ids = rng.integers(2, 50, 16)
+    alone = np.concatenate([engine.step(ids[i : i + 1], rows[i : i + 1]) for i in range(16)])
+    returned = []
+    for batch in (3, 16, 2, 9, 16, 1, 5):
+        got = engine.step(ids[:batch], rows[:batch])
+        assert np.abs(got - alone[:batch]).max() <= 1e-5, batch
+        returned.append((batch, got, got.copy()))
+    for batch, got, copy in returned:
+        assert np.array_equal(got, copy), f"the result for batch {batch} was overwritten"
+    fused = engine._fused
+    assert fused is not None
+    capacity = fused._local.capacity
+    assert 16 <= capacity <= 32 and fused._local.buf.shape[0] == capacity
+    assert all(ws.buf.base is fused._local.buf for ws in fused._local.spaces.values())
+
+
 def test_engine_score_matches_token_by_token() -> None:
     model = make_model()
     engine = Engine(model)
