@@ -69,7 +69,9 @@ def test_keys_guard_every_route_but_the_probes(guarded: Gunicorn) -> None:
 
 def test_rate_limit_holds_across_workers_per_key(guarded: Gunicorn) -> None:
     statuses, workers = [], set()
-    for _ in range(30):  # a fresh connection each time: both workers answer
+    # a fresh connection each time, until both workers have answered (which the kernel's accept
+    # order decides: on a busy machine one worker can take 30 in a row)
+    while len(statuses) < 30 or (len(workers - {None}) < 2 and len(statuses) < 300):
         r = call(guarded, "POST", "/tokenize", KEYS[1], json={"text": "a"})
         statuses.append(r.status_code)
         workers.add(r.headers.get("X-Worker-Pid"))
@@ -79,7 +81,7 @@ def test_rate_limit_holds_across_workers_per_key(guarded: Gunicorn) -> None:
     assert len(workers - {None}) == 2
     # the budget is per minute and shared by the workers through Redis; earlier tests in this
     # module spent some of this key's budget, so at most 12 pass
-    assert 0 < statuses.count(200) <= 12 and statuses.count(429) >= 18
+    assert 0 < statuses.count(200) <= 12 and statuses.count(429) >= len(statuses) - 12
     assert (
         call(guarded, "POST", "/tokenize", KEYS[0], json={"text": "a"}).status_code == 200
     )  # the other key's own budget

@@ -351,6 +351,8 @@ def pod_sandbox_missing() -> str | None:
     for tool in ("unshare", "chroot", "setpriv", "ip", "redis-server"):
         if shutil.which(tool) is None:
             return f"{tool} not on PATH"
+    if ROOT.resolve().is_relative_to("/tmp"):
+        return f"the checkout ({ROOT}) is under /tmp, which the pod's emptyDir mounts over; clone it elsewhere"
     probe = subprocess.run(["unshare", "--mount", "--net", "--pid", "--fork", "true"], capture_output=True)
     if probe.returncode != 0:
         return f"namespaces unavailable here: {probe.stderr.decode(errors='replace').strip()}"
