@@ -67,6 +67,18 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def process_memory_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """A process's memory figure from /proc/PID/status (VmRSS: now, VmHWM: its peak), in MB; None
+    when the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def save(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -24,16 +24,16 @@ from typing import Any
 
 import requests
 
-from .common import DEFAULT_CHECKPOINT, ROOT, save, table
+from .common import DEFAULT_CHECKPOINT, ROOT, process_memory_mb, save, table
 from servers import Gunicorn, RedisServer  # noqa: I001 - on sys.path via .common
 
 
 def _peak_mb(pid: int) -> float:
-    """The process's peak resident memory so far (VmHWM), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
+    """The worker's peak resident memory so far (VmHWM), in MB."""
+    peak = process_memory_mb(pid, "VmHWM")
+    if peak is None:
+        raise RuntimeError(f"worker {pid} is gone")
+    return peak
 
 
 def _requests(text: str) -> list[tuple[str, str, dict[str, Any]]]:

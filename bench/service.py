@@ -24,7 +24,7 @@ from typing import Any
 
 import requests
 
-from .common import DEFAULT_CHECKPOINT, ROOT, save, table
+from .common import DEFAULT_CHECKPOINT, ROOT, process_memory_mb, save, table
 from .load import run_load
 from servers import Gunicorn, RedisServer  # noqa: I001 - on sys.path via .common
 
@@ -65,16 +65,12 @@ def continuation(base: str, repeats: int = 50) -> dict[str, Any]:
 
 
 def memory(server: Gunicorn, redis: RedisServer) -> dict[str, Any]:
-    rss = {}
-    for pid in server.worker_pids():
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss[pid] = int(line.split()[1]) * 1024
+    rss = [mb for pid in server.worker_pids() if (mb := process_memory_mb(pid)) is not None]
     client = redis.client()
     keys = list(client.scan_iter(match="lstm-lm:*:session:*", count=1000))
     per_key = [int(client.memory_usage(k) or 0) for k in keys[:200]]
     return {
-        "worker_rss_mb": [v / 2**20 for v in rss.values()],
+        "worker_rss_mb": rss,
         "redis_bytes_per_session": statistics.median(per_key) if per_key else None,
         "sessions_sampled": len(per_key),
     }

@@ -25,18 +25,8 @@ from typing import Any
 
 import requests
 
-from .common import DEFAULT_CHECKPOINT, ROOT, save, table
+from .common import DEFAULT_CHECKPOINT, ROOT, process_memory_mb, save, table
 from servers import Gunicorn, RedisServer  # noqa: I001 - on sys.path via .common
-
-
-def _rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -126,7 +116,7 @@ def run(checkpoint: Path, minutes: float, warmup: float, clients: int, workers: 
         started = time.monotonic()
         while (elapsed := (time.monotonic() - started) / 60) < minutes:
             for pid in server.worker_pids():
-                mb = _rss_mb(pid)
+                mb = process_memory_mb(pid)
                 if mb is not None:
                     samples.setdefault(pid, []).append((elapsed, mb))
             time.sleep(20)
