@@ -7,8 +7,9 @@ the slope of each worker's memory after a warm-up. A service that leaks a little
 Traffic (each client loops, a new connection per request): create a session, stream and plain
 /generate on it, /next peeks and commits, /score, fork and delete, stateless /generate and
 /v1/chat/completions, with texts from 10 to 5,000 characters. Reported: requests and errors,
-RSS of each worker every 20 s, and its least-squares slope in MB/min after the warm-up
-(target: < 1 MB/min).
+and for each worker, sampled every 5 s: the slope in MB/min after the warm-up of its RSS floor
+(the least RSS of each minute: what it keeps between requests; target < 1 MB/min), and of every
+sample (which also follows the buffers of whichever requests are running at the instant).
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ import requests
 
 from .common import DEFAULT_CHECKPOINT, ROOT, process_memory_mb, save, table
 from servers import Gunicorn, RedisServer  # noqa: I001 - on sys.path via .common
+
+
+def floors(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The least RSS in each whole minute, at that minute's middle: a request's transient buffers
+    come and go; memory that stays shows in the floor."""
+    by_minute: dict[int, float] = {}
+    for t, mb in points:
+        by_minute[int(t)] = min(mb, by_minute.get(int(t), mb))
+    return [(m + 0.5, mb) for m, mb in sorted(by_minute.items())]
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -95,7 +105,9 @@ class _Client(threading.Thread):
             )
 
 
-def run(checkpoint: Path, minutes: float, warmup: float, clients: int, workers: int) -> dict[str, Any]:
+def run(
+    checkpoint: Path, minutes: float, warmup: float, clients: int, workers: int, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="lstm-soak-"))
     redis = RedisServer(tmp)
     env = {
@@ -103,6 +115,7 @@ def run(checkpoint: Path, minutes: float, warmup: float, clients: int, workers: 
         "REDIS_URL": redis.url,
         "WEB_CONCURRENCY": str(workers),
         "LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     }
     server = Gunicorn(env, tmp / "gunicorn.log")
     corpus = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
@@ -119,7 +132,7 @@ def run(checkpoint: Path, minutes: float, warmup: float, clients: int, workers: 
                 mb = process_memory_mb(pid)
                 if mb is not None:
                     samples.setdefault(pid, []).append((elapsed, mb))
-            time.sleep(20)
+            time.sleep(5)
         stop.set()
         for c in pool:
             c.join(timeout=180)
@@ -129,12 +142,15 @@ def run(checkpoint: Path, minutes: float, warmup: float, clients: int, workers: 
     workers_report = []
     for pid, points in samples.items():
         after = [p for p in points if p[0] >= warmup]
+        floor = [p for p in floors(points) if p[0] >= warmup and p[0] + 0.5 <= minutes]  # whole minutes
         workers_report.append(
             {
                 "pid": pid,
                 "rss_mb_start": points[0][1],
-                "rss_mb_after_warmup": after[0][1] if after else None,
-                "rss_mb_end": points[-1][1],
+                "floor_mb_after_warmup": floor[0][1] if floor else None,
+                "floor_mb_end": floor[-1][1] if floor else None,
+                "rss_mb_peak": max(mb for _, mb in points),
+                "floor_slope_mb_per_min": slope(floor),
                 "slope_mb_per_min_after_warmup": slope(after),
                 "samples": points,
             }
@@ -149,6 +165,7 @@ def run(checkpoint: Path, minutes: float, warmup: float, clients: int, workers: 
         "warmup_minutes": warmup,
         "clients": clients,
         "workers": workers,
+        "env": extra_env or {},
         "requests": sum(c.requests for c in pool),
         "errors": errors,
         "worker_memory": workers_report,
@@ -160,13 +177,24 @@ def report(r: dict[str, Any]) -> str:
         [
             w["pid"],
             w["rss_mb_start"],
-            w["rss_mb_after_warmup"] or float("nan"),
-            w["rss_mb_end"],
+            w["floor_mb_after_warmup"] or float("nan"),
+            w["floor_mb_end"] or float("nan"),
+            w["rss_mb_peak"],
+            f"{w['floor_slope_mb_per_min']:+.3f}",
             f"{w['slope_mb_per_min_after_warmup']:+.3f}",
         ]
         for w in r["worker_memory"]
     ]
-    text = table(["worker", "RSS MB at start", "after warm-up", "at end", "MB/min after warm-up"], rows)
+    headers = [
+        "worker",
+        "RSS MB at start",
+        "floor after warm-up",
+        "floor at end",
+        "peak",
+        "floor MB/min",
+        "all samples MB/min",
+    ]
+    text = table(headers, rows)
     return text + (
         f"\n\n{r['minutes']:g} minutes ({r['warmup_minutes']:g} of warm-up), {r['clients']} clients, "
         f"{r['requests']:,} requests, errors: {json.dumps(r['errors']) if r['errors'] else 'none'}"
@@ -180,9 +208,18 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=5, help="minutes left out of the memory slope")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients looping over the mix")
     p.add_argument("--workers", type=int, default=2, help="gunicorn workers (WEB_CONCURRENCY)")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for gunicorn (repeatable), e.g. MALLOC_ARENA_MAX=4 to compare allocator settings",
+    )
+    p.add_argument("--save-as", default="soak", help="name of the results file in bench/results/ (without .json)")
     args = p.parse_args()
-    result = run(args.checkpoint, args.minutes, args.warmup, args.clients, args.workers)
-    save("soak", result)
+    extra = dict(item.split("=", 1) for item in args.env)
+    result = run(args.checkpoint, args.minutes, args.warmup, args.clients, args.workers, extra)
+    save(args.save_as, result)
     print(report(result))
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -438,6 +439,7 @@ class Trainer:
                 f"step {self.step}: val {result.nats_per_char:.4f} nats/char ({result.bits_per_char:.4f} bits/char)"
                 + (f", train loss {self.history[-1]['train_loss']:.4f}" if record else " (at the stop)")
             )
+            sys.stdout.flush()  # a log file (--no-progress under nohup) shows each evaluation as it happens
         if self.best is None or result.nats_per_char < self.best.nats_per_char:
             self.best = result
         if main and self.best is result:

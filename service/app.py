@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
         engine=Engine(lm.model),
         batching=settings.batching,
         max_batch=settings.max_batch,
+        flush_interval=settings.stream_flush_ms / 1000,
         limits=Limits.from_settings(settings),
         admission=Admission(settings.admission_tokens, settings.admission_queue, settings.admission_wait_seconds),
         generation_timeout=settings.generation_timeout_seconds,

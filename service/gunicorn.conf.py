@@ -27,6 +27,7 @@ for _name in os.listdir(_metrics_dir):
     if _name.endswith(".db"):
         os.unlink(os.path.join(_metrics_dir, _name))
 
+from service.allocator import tune_malloc  # noqa: E402
 from service.gunicorn_logger import RedactingLogger  # noqa: E402
 from service.gunicorn_worker import ClientLimits, with_limits  # noqa: E402
 from service.settings import Settings, SettingsError  # noqa: E402 - after the metrics directory is set
@@ -37,6 +38,9 @@ try:
 except SettingsError as _exc:
     sys.stderr.write(f"lstm-lm service refuses to start: {_exc}\n")
     sys.exit(1)
+
+if _settings.malloc_tuning:  # before the workers fork: they inherit it (service/allocator.py says why)
+    sys.stderr.write(tune_malloc() + "\n")
 
 bind = f"{_settings.bind_host}:{_settings.port}"
 workers = _settings.workers

@@ -80,6 +80,7 @@ class LMService:
         batching: bool,
         max_batch: int,
         limits: Limits,
+        flush_interval: float = 0.0,
         admission: Admission | None = None,
         generation_timeout: float | None = None,
     ):
@@ -90,7 +91,12 @@ class LMService:
         self.tokenizer = lm.tokenizer
         self.store = store
         self.engine = engine
-        self.scheduler = BatchScheduler(engine, max_batch, on_tick=metrics.BATCH_SIZE.observe) if batching else None
+        self.flush_interval = flush_interval  # seconds a stream's tokens may gather before a write
+        self.scheduler = (
+            BatchScheduler(engine, max_batch, on_tick=metrics.BATCH_SIZE.observe, flush_interval=flush_interval)
+            if batching
+            else None
+        )
         self.labels = [self._label(i) for i in range(lm.tokenizer.vocab_size)]
         self.sse = SSEEncoder(lm.tokenizer.texts, self.labels)
 
@@ -210,10 +216,13 @@ class LMService:
         decoder = Decoder(self.engine, self.tokenizer, rows, params, enc.ids)
         return Generation(ctx, len(enc.ids), enc.unknown_chars, decoder, started)
 
-    def _token_events(self, gen: Generation) -> Iterator[list[TokenEvent]]:
+    def token_events(self, decoder: Decoder, flush_interval: float | None = None) -> Iterator[list[TokenEvent]]:
+        """A decoder's token events in lists, batched with other requests unless BATCHING is off;
+        `flush_interval` as in BatchScheduler.run (default: the service's)."""
+        interval = self.flush_interval if flush_interval is None else flush_interval
         if self.scheduler is not None:
-            return self.scheduler.run(gen.decoder)
-        return run_inline(self.engine, gen.decoder)
+            return self.scheduler.run(decoder, interval)
+        return run_inline(self.engine, decoder, interval)
 
     def _finish(self, gen: Generation) -> Body:
         """Save the session and summarise: the last streamed event, and most of the JSON answer."""
@@ -238,7 +247,7 @@ class LMService:
         }
 
     def generate(self, gen: Generation) -> Body:
-        events = [e for chunk in self._token_events(gen) for e in chunk]
+        events = [e for chunk in self.token_events(gen.decoder, math.inf) for e in chunk]  # only the end matters
         body = self._finish(gen)
         if gen.decoder.params.logprobs:
             body["tokens"] = [self.sse.event_dict(e) for e in events]
@@ -249,7 +258,7 @@ class LMService:
         after the headers went out (saving the session, the store, a step) ends the stream with
         an `error` event, never a cut connection. If the consumer stops early (client gone),
         generation stops and nothing is saved."""
-        events = self._token_events(gen)
+        events = self.token_events(gen.decoder)
         final: Body | ApiError
         try:
             for chunk in events:

@@ -29,7 +29,6 @@ from .errors import ApiError
 from .inference import LMService
 from .openai_schemas import ChatRequest, CompletionRequest
 from .prefix_cache import Prefilled, PrefixCache
-from .scheduler import run_inline
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +185,7 @@ class OpenAIService:
     # ---- running it ------------------------------------------------------------------------
 
     def _streams(self, run: Run) -> list[Iterator[list[TokenEvent]]]:
-        scheduler = self.svc.scheduler
-        return [scheduler.run(d) if scheduler else run_inline(self.svc.engine, d) for d in run.decoders]
+        return [self.svc.token_events(d) for d in run.decoders]
 
     def _head(self, run: Run, kind: str | None = None) -> Body:
         return fmt.head(kind or run.kind, run.id, run.created, self.model_id, self.svc.lm.fingerprint)

@@ -4,9 +4,10 @@ Request threads (gunicorn gthread) prefill their prompt, then hand a model.Decod
 scheduler and read its token events. There is no scheduler thread: whichever request thread
 finds nobody stepping becomes the ticker for one tick, admits the decoders that joined, drops
 the ones whose clients left, and advances every active decoder by one token with
-model.generation.step_decoders (one engine step for the whole batch). Then it hands the events
-out and goes back to being a request thread; the next tick is run by whichever thread is free
-first.
+model.generation.step_decoders (one engine step for the whole batch). Then it wakes only the
+threads that have events due (a stream's first token at once, then what has gathered once its
+flush interval has passed, everything at the end) and, if it has events due itself, one other
+thread to tick next; with nothing due it simply ticks again.
 
 Why no dedicated thread: alone, a request decodes in its own thread with no hand-off per token
 (a thread switch per token cost ~30% of batch-1 speed); under load, the ticks are run by
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -35,32 +37,65 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class _Job:
     decoder: Decoder
+    wake: threading.Condition  # shares the scheduler's lock: the ticker wakes this job's thread alone
+    flush_interval: float  # seconds between deliveries after the first; 0: every tick; inf: at the end
     events: list[TokenEvent] = field(default_factory=list)
+    # set by the ticker under the lock together with the last events (the decoder's own
+    # `finished` is set mid-tick, before its last events are handed over)
+    ended: bool = False
     error: BaseException | None = None
     cancelled: bool = False
+    waiting: bool = False  # its thread sleeps on `wake`
+    delivered_at: float | None = None  # when its thread last took events (None: never yet)
 
     @property
     def done(self) -> bool:
-        return self.decoder.finished is not None or self.error is not None
+        return self.ended or self.error is not None
+
+    def due(self, now: float) -> bool:
+        """Whether its thread should wake now: the end, an error, its first events (at once, so
+        the first token is not delayed), or events held for at least the flush interval."""
+        if self.done:
+            return True
+        if not self.events:
+            return False
+        return self.delivered_at is None or now - self.delivered_at >= self.flush_interval
 
 
-def run_inline(engine: Engine, decoder: Decoder) -> Iterator[list[TokenEvent]]:
-    """Decode one sequence in the calling thread, a batch of one (BATCHING=false)."""
+def run_inline(engine: Engine, decoder: Decoder, flush_interval: float = 0.0) -> Iterator[list[TokenEvent]]:
+    """Decode one sequence in the calling thread, a batch of one (BATCHING=false); events are
+    delivered as BatchScheduler.run delivers them."""
     batch: list[Decoder] = [decoder]
     rows: np.ndarray | None = None
     start_decoders(engine, batch)
+    held: list[TokenEvent] = []
+    delivered_at: float | None = None
     while decoder.finished is None:
         rows = step_decoders(engine, batch, rows)
-        yield decoder.take_events()
-    yield decoder.take_events()
+        held += decoder.take_events()
+        if held and (delivered_at is None or time.monotonic() - delivered_at >= flush_interval):
+            yield held
+            held, delivered_at = [], time.monotonic()
+    yield held + decoder.take_events()
 
 
 class BatchScheduler:
-    def __init__(self, engine: Engine, max_batch: int = 64, on_tick: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 64,
+        on_tick: Callable[[int], None] | None = None,
+        flush_interval: float = 0.0,
+    ):
+        """`flush_interval`: how long a stream's events may be held to be delivered together
+        (its first events never wait). Each delivery wakes the request's thread and writes to
+        its socket; at 16 streams a worker ticks every ~1 ms, so delivering every tick spent more
+        time waking threads than stepping the model."""
         self.engine = engine
         self.max_batch = max_batch
+        self.flush_interval = flush_interval
         self._on_tick = on_tick  # called with the batch size of every tick (metrics)
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._joining: list[_Job] = []
         self._active: list[_Job] = []
         self._rows: np.ndarray | None = None  # rows of _active, in order, while still current
@@ -68,48 +103,68 @@ class BatchScheduler:
         self.ticks = 0
         self.batch_sizes_total = 0  # sum of batch sizes over ticks, for the mean batch size
 
-    def run(self, decoder: Decoder) -> Iterator[list[TokenEvent]]:
-        """Token events of `decoder` in lists of whatever has arrived since the caller last asked
-        (one token when the caller keeps up; more when it is slower than the ticks, so a slow
-        consumer writes fewer, larger chunks). Closing the iterator early (the client went away)
-        removes the sequence at the next tick."""
+    def run(self, decoder: Decoder, flush_interval: float | None = None) -> Iterator[list[TokenEvent]]:
+        """Token events of `decoder` in lists: the first as soon as it exists, then whatever has
+        arrived once `flush_interval` (default: the scheduler's) has passed since the caller last
+        took some, and the rest at the end (math.inf: everything at the end, for a caller that
+        only wants the result). A consumer slower than that gets fewer, larger lists. Closing the
+        iterator early (the client went away) removes the sequence at the next tick."""
         if decoder.finished is not None:
             yield decoder.take_events()
             return
-        job = _Job(decoder)
-        cond = self._cond
-        with cond:
+        interval = self.flush_interval if flush_interval is None else flush_interval
+        job = _Job(decoder, threading.Condition(self._lock), interval)
+        with self._lock:
             self._joining.append(job)
         try:
             while True:
                 lead = False
-                with cond:
-                    while not job.events and not job.done:
-                        if not self._ticking:
+                with self._lock:
+                    while not job.due(time.monotonic()):
+                        if not self._ticking:  # nobody steps the batch: this thread does, for a tick
                             self._ticking = lead = True
                             break
-                        cond.wait()
-                    events, job.events = job.events, []
+                        job.waiting = True
+                        job.wake.wait()
+                        job.waiting = False
+                    if not lead:
+                        events, job.events = job.events, []
+                        job.delivered_at = time.monotonic()
                 if lead:
+                    stepped: list[_Job] = []
                     try:
-                        self._tick()
+                        stepped = self._tick()
                     finally:
-                        with cond:
-                            self._ticking = False
-                            cond.notify_all()
+                        self._hand_over(job, stepped)
                     continue
                 if events:
                     yield events
                 if job.error is not None:
                     raise job.error
-                if job.decoder.finished is not None and not job.events:
+                if job.ended and not job.events:
                     return
         finally:
             job.cancelled = True
 
-    def _tick(self) -> None:
-        """One step of every active sequence (the calling thread holds the ticker role)."""
-        with self._cond:
+    def _hand_over(self, leader: _Job, stepped: list[_Job]) -> None:
+        """After a tick: wake the threads with events due, and if the leader is about to leave to
+        deliver its own, one sleeping thread to run the next tick (a leader with nothing due
+        simply ticks again)."""
+        now = time.monotonic()
+        with self._lock:
+            self._ticking = False
+            for job in stepped:  # those that finished in the tick have left _active
+                if job.waiting and job.due(now):
+                    job.wake.notify()
+            if leader.due(now):
+                successor = next((j for j in self._active + self._joining if j.waiting and not j.due(now)), None)
+                if successor is not None:
+                    successor.wake.notify()
+
+    def _tick(self) -> list[_Job]:
+        """One step of every active sequence (the calling thread holds the ticker role); returns
+        the jobs it stepped."""
+        with self._lock:
             if self._joining:
                 room = self.max_batch - len(self._active)
                 joined, self._joining = self._joining[:room], self._joining[room:]
@@ -121,7 +176,7 @@ class BatchScheduler:
             self._rows = None
         if not active:
             self._active = []
-            return
+            return []
         decoders = [job.decoder for job in active]
         try:
             if joined:
@@ -129,18 +184,20 @@ class BatchScheduler:
             rows = step_decoders(self.engine, decoders, self._rows)
         except Exception as exc:  # a failed tick fails its requests, never the worker
             log.exception("batch step failed")
-            with self._cond:
+            with self._lock:
                 for job in active:
                     job.error = exc
             self._active, self._rows = [], None
-            return
+            return active
         self.ticks += 1
         self.batch_sizes_total += len(active)
         if self._on_tick is not None:
             self._on_tick(len(active))
         still = [job for job in active if job.decoder.finished is None]
-        with self._cond:
+        with self._lock:
             for job in active:
                 job.events.extend(job.decoder.take_events())
+                job.ended = job.decoder.finished is not None
         self._active = still
         self._rows = rows if len(still) == len(active) else None
+        return active

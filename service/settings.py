@@ -36,6 +36,8 @@ ENV_VARS = {
     "QUANTIZE": "quantize",
     "BATCHING": "batching",
     "MAX_BATCH": "max_batch",
+    "STREAM_FLUSH_MS": "stream_flush_ms",
+    "MALLOC_TUNING": "malloc_tuning",
     "LOG_LEVEL": "log_level",
     "PORT": "port",
     "BIND_HOST": "bind_host",
@@ -88,6 +90,9 @@ class Settings(BaseModel):
     quantize: Literal["none", "int8"] = "none"
     batching: bool = True  # continuous batching of concurrent generations in a worker
     max_batch: int = Field(64, ge=1)
+    # a stream's tokens gathered into one write after its first (service/scheduler.py says why)
+    stream_flush_ms: float = Field(10.0, ge=0, le=1000)
+    malloc_tuning: bool = True  # glibc arenas and mmap threshold for the workers (service/allocator.py)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1)

@@ -3,6 +3,9 @@ step every caller uses) and the scheduler's ticks, driven by interleaving its ge
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -10,7 +13,7 @@ from model import LanguageModel
 from model.engine import Engine
 from model.generation import Decoder, Finished, GenerationParams, generate, start_decoders, step_decoders
 from model.sampling import SamplingParams
-from service.scheduler import BatchScheduler
+from service.scheduler import BatchScheduler, run_inline
 
 
 def _decoder(engine: Engine, lm: LanguageModel, prompt: str, **kw: object) -> Decoder:
@@ -118,3 +121,54 @@ def test_scheduler_output_equals_generate(char_lm: LanguageModel) -> None:
             except StopIteration:
                 live.remove(i)
     assert texts == [_alone(engine, char_lm, prompt, **kw).text for prompt, kw in SPECS]
+
+
+def test_a_stream_gets_its_first_token_at_once_and_the_rest_per_flush_interval(char_lm: LanguageModel) -> None:
+    """With a flush interval longer than the whole generation, a consumer wakes exactly twice:
+    for its first token (never held back) and at the end, with every other token in one list."""
+    engine = Engine(char_lm.model)
+    want = _alone(engine, char_lm, "KING:", max_tokens=30, seed=5)
+    scheduler = BatchScheduler(engine, max_batch=8, flush_interval=60.0)
+    chunks = list(scheduler.run(_decoder(engine, char_lm, "KING:", max_tokens=30, seed=5)))
+    assert [len(c) for c in chunks] == [1, 29]
+    assert "".join(e.text for c in chunks for e in c) == want.text
+    inline = list(run_inline(engine, _decoder(engine, char_lm, "KING:", max_tokens=30, seed=5), 60.0))
+    assert [len(c) for c in inline] == [1, 29]  # the unbatched path delivers the same way
+
+
+PROMPTS = [("KING:", 11), ("A", 12), ("To be", 13), ("First", 14), ("O", 15), ("My lord", 16), ("So", 17), ("We", 18)]
+
+
+@pytest.mark.parametrize("interval", [60.0, 0.0])
+def test_threads_sleep_until_their_events_are_due(char_lm: LanguageModel, interval: float) -> None:
+    """Eight request threads share one scheduler with a long flush interval: each is woken only for
+    its first events and its end (the ticker wakes no one else), all finish, none is starved of a
+    ticker, and each text equals the sequence decoded alone; the same with a zero interval."""
+    engine = Engine(char_lm.model)
+    want = [_alone(engine, char_lm, p, max_tokens=20 + i, seed=s).text for i, (p, s) in enumerate(PROMPTS)]
+    sizes: list[int] = []
+
+    def on_tick(size: int) -> None:
+        if not sizes:
+            time.sleep(0.3)  # the first tick waits: every thread has joined by the second
+        sizes.append(size)
+
+    scheduler = BatchScheduler(engine, max_batch=8, on_tick=on_tick, flush_interval=interval)
+    got: list[list[list[str]]] = [[] for _ in PROMPTS]
+
+    def consume(i: int, prompt: str, seed: int) -> None:
+        for chunk in scheduler.run(_decoder(engine, char_lm, prompt, max_tokens=20 + i, seed=seed)):
+            got[i].append([e.text for e in chunk])
+
+    threads = [threading.Thread(target=consume, args=(i, p, s), daemon=True) for i, (p, s) in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a consumer never woke"
+    assert ["".join(t for c in chunks for t in c) for chunks in got] == want
+    assert max(sizes) == 8  # they were stepped together
+    if interval:
+        # woken for the first events (more if other ticks ran before it woke) and for the end
+        assert all(len(chunks) <= 2 for chunks in got), [[len(c) for c in chunks] for chunks in got]
