@@ -2,12 +2,12 @@
 
 Decoding one token through nn.LSTM costs far more in per-call overhead than in arithmetic
 (three modules, oneDNN primitive setup, autograd bookkeeping). Here each layer is one GEMM of
-[x, h] against its pre-transposed, concatenated gate weights plus a few elementwise calls, in
-numpy: OpenBLAS's GEMV measured ~3x faster than torch's single-row addmm on this machine, and
-torch.mv on two threads ~4x slower than on one (bench/decode.py prints the comparison in every
-run). For batched steps torch's matmul was up to 2x faster than OpenBLAS's sgemm at 2-16 rows
-in isolation, yet the service under load ran at half the throughput with it, so numpy stays
-for every batch size.
+[x, h] against its concatenated gate weights (a GEMV W @ [x, h] at batch 1, the layout
+OpenBLAS reads fastest) plus a few elementwise calls, in numpy: OpenBLAS's GEMV measured ~3x
+faster than torch's single-row addmm on this machine, and torch.mv on two threads ~4x slower
+than on one (bench/decode.py prints the comparison in every run). For batched steps torch's
+matmul was up to 2x faster than OpenBLAS's sgemm at 2-16 rows in isolation, yet the service
+under load ran at half the throughput with it, so numpy stays for every batch size.
 
 At batch 1 the arithmetic of a 512-wide layer takes a few microseconds outside the GEMV, so
 what remains is the cost of each numpy call and each view it creates (~0.5-1 µs apiece). So:
@@ -49,11 +49,22 @@ def _prepared(w: np.ndarray, hidden: int) -> np.ndarray:
     return np.ascontiguousarray(w[..., gate_order(hidden)] * scale)
 
 
+def _rows_of(w: np.ndarray) -> np.ndarray:
+    """(in, 4H) -> (4H, in) in C order: at batch 1 the step is W @ x, which OpenBLAS's GEMV runs
+    ~5% (1 thread) to ~12% (2 threads) faster than x @ W on this layout (bench: 8 MB matrix)."""
+    return np.ascontiguousarray(w.T)
+
+
 @dataclass(frozen=True)
 class _Layer:
-    w: np.ndarray  # (H, 4H) for layer 1 (its input comes from the table), else (I + H, 4H)
+    wt: np.ndarray  # (4H, H) for layer 1 (its input comes from the table), else (4H, I + H); C order
     bias: np.ndarray  # (4H,); zeros for layer 1, whose biases are in the table
     table: np.ndarray | None  # (V, 4H) for layer 1
+
+    @property
+    def w(self) -> np.ndarray:
+        """The same weights as (in, 4H): a transposed view, which BLAS's GEMM reads in place."""
+        return self.wt.T
 
 
 class _Workspace:
@@ -77,6 +88,8 @@ class _Workspace:
                     gates[:, 3 * hs :],  # g
                     buf[:, h_at[i] : h_at[i + 1]],  # h
                     buf[:, widths + h_at[i] : widths + h_at[i + 1]],  # c
+                    buf[0, h_at[max(i - 1, 0)] : h_at[i + 1]] if len(buf) == 1 else None,  # batch 1: input vector
+                    gates[0] if len(buf) == 1 else None,  # batch 1: gates vector
                 )
             )
 
@@ -95,10 +108,10 @@ class FusedStep:
             if i == 0:
                 table = torch.addmm(b_ih + b_hh, emb, w_ih.t()).numpy()
                 zero = np.zeros(4 * hs, dtype=np.float32)
-                self.layers.append(_Layer(_prepared(w_hh.t().numpy(), hs), zero, _prepared(table, hs)))
+                self.layers.append(_Layer(_rows_of(_prepared(w_hh.t().numpy(), hs)), zero, _prepared(table, hs)))
             else:
                 w = torch.cat([w_ih, w_hh], dim=1).t().numpy()
-                self.layers.append(_Layer(_prepared(w, hs), _prepared((b_ih + b_hh).numpy(), hs), None))
+                self.layers.append(_Layer(_rows_of(_prepared(w, hs)), _prepared((b_ih + b_hh).numpy(), hs), None))
         self.dec_w = np.ascontiguousarray(model.decoder.weight.detach().float().numpy().T)  # (H_L, V)
         self.dec_b = model.decoder.bias.detach().float().numpy()
         self.top = slice(sum(sizes[:-1]), sum(sizes))  # the last layer's h
@@ -126,8 +139,11 @@ class FusedStep:
         ws = self._workspace(len(ids))
         np.copyto(ws.buf, rows)
         matmul, tanh, multiply = np.matmul, np.tanh, np.multiply
-        for layer, (x, gates, sig, i, f, o, g, h, c) in zip(self.layers, ws.layers):
-            matmul(x, layer.w, out=gates)
+        for layer, (x, gates, sig, i, f, o, g, h, c, x1, gates1) in zip(self.layers, ws.layers):
+            if x1 is not None:
+                matmul(layer.wt, x1, out=gates1)
+            else:
+                matmul(x, layer.w, out=gates)
             if layer.table is not None:
                 gates += layer.table[ids]
             else:
