@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import costly, decode, onnx_peer, prefill, replicas, service, targets
+from . import costly, decode, onnx_peer, prefill, replicas, service, soak, targets
 from .common import DEFAULT_CHECKPOINT, RESULTS, ROOT, environment, save
 
 
@@ -41,6 +41,9 @@ def main() -> None:
     )
     args = p.parse_args()
     r = _load_results(args.replicas) if args.report_only else _measure(args)
+    soak_file = RESULTS / "soak.json"  # 30 minutes: run on its own (python -m bench.soak), shown with its date
+    if soak_file.exists():
+        r["soak"] = json.loads(soak_file.read_text())
     summary = render(r, Path(args.checkpoint).name)
     (RESULTS / "summary.md").write_text(summary + "\n")
     print(summary)
@@ -91,6 +94,13 @@ def render(r: dict[str, dict[str, Any]], model: str) -> str:
     ]
     if "replicas" in r:
         sections.append("## Replicas (nginx in front, scripts/stack.sh)\n\n" + replicas.report(r["replicas"]))
+    if "soak" in r and all("floor_slope_mb_per_min" in w for w in r["soak"]["worker_memory"]):
+        when = r["soak"].get("environment", {}).get("date", "")
+        sections.append(
+            f"## Soak (`python -m bench.soak`, run on its own: {when})\n\n"
+            + soak.report(r["soak"])
+            + "\n\nThe floor is each minute's least RSS (what a worker keeps between requests); target < 1 MB/min."
+        )
     env = d.get("environment") or environment()
     quick = d.get("tokens", 2000) < 2000
     flags = (" --quick" if quick else "") + (" --replicas" if "replicas" in r else "")

@@ -241,17 +241,19 @@ def test_many_writers_on_three_replicas_lose_nothing(stack: Stack) -> None:
 
 def test_sse_through_nginx_arrives_token_by_token(stack: Stack) -> None:
     # as a browser's EventSource would ask: a proxy that compressed the stream would hold it back
-    body = {"prompt": "KING:", "max_tokens": 300, "temperature": 0.8, "seed": 9}
+    # 1,000 tokens: the service writes a stream's tokens every STREAM_FLUSH_MS (10 ms) after the
+    # first, so the stream must last several of those for its reads to show it arriving
+    body = {"prompt": "KING:", "max_tokens": 1000, "temperature": 0.8, "seed": 9}
     s = Stream(stack.base, body, {"Accept-Encoding": "gzip"})
     assert s.response.getheader("Content-Type", "").startswith("text/event-stream")
     assert s.response.getheader("Content-Encoding") is None
     final = s.final()
-    assert final is not None and final["finish_reason"] == "length" and s.tokens == 300, final
+    assert final is not None and final["finish_reason"] == "length" and s.tokens == 1000, final
     counts = [n for _, n in s.reads]
-    partial = sorted({n for n in counts if 0 < n < 300})  # reads that came while it was generating
+    partial = sorted({n for n in counts if 0 < n < 1000})  # reads that came while it was generating
     first = next(i for i, n in enumerate(counts) if n)
     assert len(partial) >= 3, f"token events arrived in {len(set(counts))} reads: {counts}"
-    assert counts[first] <= 100, f"the first read already held {counts[first]} of 300 events"
+    assert counts[first] <= 100, f"the first read already held {counts[first]} of 1000 events"
 
 
 # ---- a replica killed mid-stream (last: the stack comes back with a new replica-1) ----------
