@@ -5,7 +5,8 @@ defaults each thread that allocates may get an arena of its own (up to 8 per cor
 blocks of variable size (prefill windows, score windows, batches of rows) stay scattered over
 them, so a worker's RSS climbs for hours without any object leaking. Measured side by side
 (`python -m bench.soak --minutes 12 --warmup 3 --clients 4 --workers 1`, one run with
-`--env MALLOC_TUNING=false`; bench/results/soak-ab-*.json): with glibc's defaults the worker's
+`--env MALLOC_TUNING=false`, both at once while a training run used the cores: memory, not
+speed, was compared; bench/results/soak-ab-*.json): with glibc's defaults the worker's
 RSS floor was 587 MB after warm-up (and rose 575 -> 605 MB in an earlier pair of runs); with
 these settings 385 MB, flat to within 1 MB, the large buffers of a request handed back to the
 kernel when it ends.

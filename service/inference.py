@@ -92,11 +92,7 @@ class LMService:
         self.store = store
         self.engine = engine
         self.flush_interval = flush_interval  # seconds a stream's tokens may gather before a write
-        self.scheduler = (
-            BatchScheduler(engine, max_batch, on_tick=metrics.BATCH_SIZE.observe, flush_interval=flush_interval)
-            if batching
-            else None
-        )
+        self.scheduler = BatchScheduler(engine, max_batch, on_tick=metrics.BATCH_SIZE.observe) if batching else None
         self.labels = [self._label(i) for i in range(lm.tokenizer.vocab_size)]
         self.sse = SSEEncoder(lm.tokenizer.texts, self.labels)
 

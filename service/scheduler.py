@@ -57,9 +57,13 @@ class _Job:
         the first token is not delayed), or events held for at least the flush interval."""
         if self.done:
             return True
-        if not self.events:
-            return False
-        return self.delivered_at is None or now - self.delivered_at >= self.flush_interval
+        return bool(self.events) and _flush_due(self.delivered_at, self.flush_interval, now)
+
+
+def _flush_due(delivered_at: float | None, interval: float, now: float) -> bool:
+    """Events waiting are due when none were delivered yet (the first token never waits) or the
+    interval has passed since the last delivery."""
+    return delivered_at is None or now - delivered_at >= interval
 
 
 def run_inline(engine: Engine, decoder: Decoder, flush_interval: float = 0.0) -> Iterator[list[TokenEvent]]:
@@ -73,7 +77,7 @@ def run_inline(engine: Engine, decoder: Decoder, flush_interval: float = 0.0) ->
     while decoder.finished is None:
         rows = step_decoders(engine, batch, rows)
         held += decoder.take_events()
-        if held and (delivered_at is None or time.monotonic() - delivered_at >= flush_interval):
+        if held and _flush_due(delivered_at, flush_interval, time.monotonic()):
             yield held
             held, delivered_at = [], time.monotonic()
     yield held + decoder.take_events()
