@@ -18,6 +18,7 @@ import torch
 from model import LanguageModel, load
 from model.engine import Engine, greedy_steps
 from model.generation import Decoder, GenerationParams, start_decoders, step_decoders
+from model.hugepages import huge_page_copies
 from model.lstm import lstm_weights
 from model.quantize import quantize_int8
 from model.sampling import SamplingParams
@@ -108,13 +109,19 @@ def weight_bytes_per_token(lm: LanguageModel) -> int:
     return 4 * floats
 
 
+def bound_matrix(total_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A matrix of the model's weight size in huge pages, as the engine holds its weights, and a
+    vector to multiply it by (W @ x: the engine's batch-1 layout)."""
+    cols = 2048
+    w = np.random.default_rng(0).standard_normal((max(1, total_bytes // 4 // cols), cols), dtype=np.float32)
+    (w,) = huge_page_copies([w.T])
+    return w, np.ones(w.shape[1], dtype=np.float32)
+
+
 def gemv_bandwidth(total_bytes: int, repeats: int = 200) -> float:
     """Bytes/s numpy's BLAS streams through a matrix of the model's size in one GEMV."""
-    cols = 2048
-    rows = max(1, total_bytes // 4 // cols)
-    w = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
-    x = np.ones((1, rows), dtype=np.float32)
-    seconds = median_time(lambda: [x @ w for _ in range(repeats)], 5) / repeats
+    w, x = bound_matrix(total_bytes)
+    seconds = median_time(lambda: [w @ x for _ in range(repeats)], 5) / repeats
     return w.nbytes / seconds
 
 

@@ -1,17 +1,13 @@
 """The peer a user would pick instead of our engine: the same checkpoint exported to ONNX (one
 decode step: ids, (h, c) per layer -> logits, (h, c) per layer) and stepped token by token with
-onnxruntime at 1 and 2 threads, against our engine at the same thread counts.
+onnxruntime. bench/side_by_side.py times it against the engine and the service.
 
 onnx and onnxruntime are the `bench` extra (`pip install -e '.[bench]'`), never a runtime
-dependency. Without them this benchmark reports itself as skipped.
-
-    python -m bench.onnx_peer [--checkpoint DIR] [--tokens N]
+dependency; without them the comparison reports itself as skipped.
 """
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,10 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model import LanguageModel, load
-from model.engine import Engine, greedy_steps
-
-from .common import DEFAULT_CHECKPOINT, median_time, save, set_threads, table
+from model import LanguageModel
 
 
 class _OneStep(nn.Module):
@@ -72,58 +65,11 @@ def onnx_loop(session: Any, lm: LanguageModel, n: int) -> list[int]:
     return out
 
 
-def run(checkpoint: Path, tokens: int) -> dict[str, Any]:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return {"skipped": "onnxruntime is not installed (pip install -e '.[bench]')"}
-    lm = load(checkpoint)
-    engine = Engine(lm.model)
-    path = Path(tempfile.mkdtemp(prefix="lstm-onnx-")) / "step.onnx"
-    export(lm, path)
-    rows = []
-    for threads in (1, 2):
-        set_threads(threads)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        onnx_rate = tokens / median_time(lambda s=session: onnx_loop(s, lm, tokens), 3)  # type: ignore[misc]
-        engine_rate = tokens / median_time(lambda: greedy_steps(engine, tokens), 3)
-        rows.append({"threads": threads, "onnxruntime": onnx_rate, "engine": engine_rate})
-    agree = onnx_loop(session, lm, 50) == greedy_steps(engine, 50)
-    return {
-        "checkpoint": str(checkpoint),
-        "tokens": tokens,
-        "onnxruntime": ort.__version__,
-        "rows": rows,
-        "same_tokens": agree,
-    }
-
-
-def report(r: dict[str, Any]) -> str:
-    if "skipped" in r:
-        return f"skipped: {r['skipped']}"
-    text = table(
-        ["threads", "onnxruntime tokens/s", "engine tokens/s", "engine vs onnxruntime"],
-        [[x["threads"], x["onnxruntime"], x["engine"], f"{x['engine'] / x['onnxruntime']:.2f}x"] for x in r["rows"]],
-    )
-    return text + (
-        f"\n\nonnxruntime {r['onnxruntime']}, greedy decoding at batch 1, one `session.run` per token; "
-        f"both produce the same tokens: {'yes' if r['same_tokens'] else 'NO'}"
-    )
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint directory")
-    p.add_argument("--tokens", type=int, default=2000, help="tokens per timed run")
-    args = p.parse_args()
-    result = run(args.checkpoint, args.tokens)
-    save("onnx", result)
-    print(report(result))
-
-
-if __name__ == "__main__":
-    main()
+def session(ort: Any, path: Path, threads: int) -> Any:
+    """An onnxruntime session on the exported step with `threads` intra-op threads (its defaults
+    otherwise, spinning threads included: what a user gets)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import costly, decode, onnx_peer, prefill, replicas, service, soak, targets
+from . import costly, decode, prefill, replicas, service, side_by_side, soak, targets
 from .common import DEFAULT_CHECKPOINT, RESULTS, ROOT, environment, save
 
 
@@ -51,18 +51,18 @@ def main() -> None:
         update_readme(ROOT / "README.md", summary)
 
 
-NAMES = ("decode", "prefill", "service", "onnx", "costly", "replicas")
+NAMES = ("decode", "side_by_side", "prefill", "service", "costly", "replicas")
 
 
 def _measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     seconds = 4 if args.quick else args.seconds
     r: dict[str, dict[str, Any]] = {}
     r["decode"] = decode.run(args.checkpoint, 300 if args.quick else 2000, args.threads)
+    r["side_by_side"] = side_by_side.run(args.checkpoint, 300 if args.quick else 2000, 3 if args.quick else 9)
+    if "skipped" in r["side_by_side"]["peer"]:
+        print(f"onnxruntime peer skipped: {r['side_by_side']['peer']['skipped']}")
     r["prefill"] = prefill.run(args.checkpoint, args.threads, (100, 1000) if args.quick else (100, 1000, 10000))
     r["service"] = service.run(args.checkpoint, args.workers, [1, 8] if args.quick else [1, 8, 32, 64], seconds, 100)
-    r["onnx"] = onnx_peer.run(args.checkpoint, 300 if args.quick else 2000)
-    if "skipped" in r["onnx"]:
-        print(f"onnxruntime peer skipped: {r['onnx']['skipped']}")
     r["costly"] = costly.run(args.checkpoint, 20_000 if args.quick else 100_000, 8)
     if args.replicas:
         r["replicas"] = replicas.run(args.checkpoint, [1, 2, 3], 8 if args.quick else 32, seconds, 100)
@@ -79,14 +79,11 @@ def _load_results(with_replicas: bool) -> dict[str, dict[str, Any]]:
 def render(r: dict[str, dict[str, Any]], model: str) -> str:
     """The summary: every section from the results, the targets first; the date and machine are
     the decode run's."""
-    d, s, onnx = r["decode"], r["service"], r["onnx"]
+    d, s, b1 = r["decode"], r["service"], r["side_by_side"]
     sections = [
-        "## Targets (decode path)\n\n" + targets.report(d, s, onnx),
+        "## Targets (decode path)\n\n" + targets.report(d, s, b1),
+        "## Batch 1 side by side: the service, the engine, onnxruntime, the bound\n\n" + side_by_side.report(b1),
         "## Decode\n\n" + decode.report(d),
-    ]
-    if "rows" in onnx:
-        sections.append("## The peer: onnxruntime\n\n" + onnx_peer.report(onnx))
-    sections += [
         "## Prefill\n\n" + prefill.report(r["prefill"]),
         "## Service (gunicorn + Redis, loopback)\n\n"
         + service.report(s, d["tokens_per_second"]["naive nn.LSTM per token"]),

@@ -1,12 +1,14 @@
 """The decode path's targets, as ratios of figures measured in one bench.run: the HTTP path
-against the engine it runs, the engine against the bound and the peer, short requests against
-/health, many streams against the in-process scheduler. Each row says whether it is met."""
+against the engine it runs, the bound and the peer (in alternating rounds: bench.side_by_side),
+short requests against /health, many streams against the in-process scheduler. Each row says
+whether it is met."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from .common import table
+from .side_by_side import median_ratio
 
 
 def _row(name: str, value: float, target: float, at_least: bool = True) -> list[Any]:
@@ -14,16 +16,19 @@ def _row(name: str, value: float, target: float, at_least: bool = True) -> list[
     return [name, f"{value:.2f}x", f"{'>=' if at_least else '<='} {target:g}x", "met" if met else "**missed**"]
 
 
-def rows(decode: dict[str, Any], service: dict[str, Any], onnx: dict[str, Any] | None) -> list[list[Any]]:
+def rows(decode: dict[str, Any], service: dict[str, Any], batch1: dict[str, Any]) -> list[list[Any]]:
+    """`batch1`: bench.side_by_side's result (the batch-1 ratios come from its alternating rounds)."""
     one = service["single_worker"]
-    http = one["generate_tokens_per_second"]
-    engine = decode["tokens_per_second"]["engine (fused numpy step)"]  # at decode["threads"], like the worker
     naive = decode["tokens_per_second"]["naive nn.LSTM per token"]
     out = [
-        _row("batch-1 /generate over HTTP / engine in process (same threads)", http / engine, 0.8),
         _row(
-            "batch-1 /generate over HTTP / weight-sweep bound (same threads)",
-            http / decode["bound_tokens_per_second"],
+            "batch-1 /generate over HTTP / engine in process (2 threads)",
+            median_ratio(batch1, "http", "engine [2]"),
+            0.8,
+        ),
+        _row(
+            "batch-1 /generate over HTTP / weight-sweep bound (2 threads)",
+            median_ratio(batch1, "http", "bound [2]"),
             0.7,
         ),
         _row(
@@ -50,26 +55,21 @@ def rows(decode: dict[str, Any], service: dict[str, Any], onnx: dict[str, Any] |
                 "met" if loads[32]["errors"] == 0 else "**missed**",
             ]
         )
-    if onnx and "rows" in onnx:
-        by_threads = {r["threads"]: r for r in onnx["rows"]}
-        if 2 in by_threads:
-            out.append(
-                _row(
-                    "batch-1 /generate over HTTP / onnxruntime loop at 2 threads",
-                    http / by_threads[2]["onnxruntime"],
-                    1.0,
-                )
+    if "onnxruntime [2]" in batch1["tokens_per_second"]:
+        out.append(
+            _row(
+                "batch-1 /generate over HTTP / onnxruntime loop at 2 threads",
+                median_ratio(batch1, "http", "onnxruntime [2]"),
+                1.0,
             )
-        for t, r in sorted(by_threads.items()):
-            out.append(
-                _row(
-                    f"engine / onnxruntime loop, {t} thread{'s' if t > 1 else ''}", r["engine"] / r["onnxruntime"], 1.3
-                )
-            )
+        )
+        for t in (1, 2):
+            name = f"engine / onnxruntime loop, {t} thread{'s' if t > 1 else ''}"
+            out.append(_row(name, median_ratio(batch1, f"engine [{t}]", f"onnxruntime [{t}]"), 1.3))
     cont = service["continuation"]
     out.append(_row("/next on a 10,000-token session / on a 10-token one", cont["long_vs_short"], 1.2, False))
     return out
 
 
-def report(decode: dict[str, Any], service: dict[str, Any], onnx: dict[str, Any] | None) -> str:
-    return table(["target", "measured", "target", ""], rows(decode, service, onnx))
+def report(decode: dict[str, Any], service: dict[str, Any], batch1: dict[str, Any]) -> str:
+    return table(["target", "measured", "target", ""], rows(decode, service, batch1))

@@ -46,3 +46,15 @@ def test_summary_renders_from_the_committed_results() -> None:
     text = render(_load_results(with_replicas=True), "shakespeare-char")
     for section in ("Targets", "Decode", "onnxruntime", "Prefill", "Service", "Costly inputs", "Replicas"):
         assert f"## {section}" in text or section in text, section
+
+
+def test_side_by_side_runs_against_a_real_worker(char_lm_dir: Path) -> None:
+    """Every contender is timed in every round, the HTTP one through gunicorn and Redis."""
+    from bench import side_by_side
+
+    result = side_by_side.run(char_lm_dir, tokens=20, rounds=2)
+    rates = result["tokens_per_second"]
+    assert {"http", "engine [1]", "engine [2]", "bound [2]"} <= set(rates)
+    assert all(len(v) == 2 and min(v) > 0 for v in rates.values())
+    assert side_by_side.median_ratio(result, "http", "engine [2]") > 0
+    assert "rounds of 20 tokens" in side_by_side.report(result)
