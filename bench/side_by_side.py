@@ -40,17 +40,19 @@ from .common import DEFAULT_CHECKPOINT, environment, save, set_threads, table
 from .decode import bound_matrix, weight_bytes_per_token
 from servers import Gunicorn, RedisServer  # noqa: I001 - on sys.path via .common
 
-REST = 0.3  # seconds between contenders: long enough for spinning threads to go to sleep
+REST = 0.5  # seconds between contenders: long enough for spinning threads to go to sleep
 
 
 def _http_generate(port: int, tokens: int) -> Callable[[], None]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     body = json.dumps({"prompt": "ROMEO:\n", "max_tokens": tokens, "temperature": 1.0})
 
     def go() -> None:
+        # a connection per call: the rounds' pauses outlast the server's keep-alive
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         conn.request("POST", "/generate", body, {"Content-Type": "application/json"})
         resp = conn.getresponse()
         data = json.loads(resp.read())
+        conn.close()
         if resp.status != 200 or data["usage"]["completion_tokens"] != tokens:
             raise RuntimeError(f"/generate: HTTP {resp.status}: {data}")
 
