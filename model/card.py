@@ -80,6 +80,7 @@ def write_card(lm: LanguageModel, *, prompt: str = "ROMEO:\n", sample_tokens: in
     sample = _sample(lm, prompt, sample_tokens if lm.tokenizer.kind == "char" else sample_tokens // 3, seed)
     cfg = lm.config
     hours = training.get("train_seconds", 0) / 3600
+    threads = training.get("threads", 2)
     chars_per_token = fp32.num_chars / max(fp32.num_tokens, 1)
     card = f"""# {lm.name}
 
@@ -93,7 +94,7 @@ the service. Fingerprint `{lm.fingerprint}`.
 | parameters | {lm.model.num_parameters():,} ({(lm.path / "model.safetensors").stat().st_size / 2**20:.1f} MiB of float32 weights) |
 | regularisation | weight drop {cfg.weight_drop}, {cfg.dropout_mode} dropout in/hidden/out {cfg.dropout_input}/{cfg.dropout_hidden}/{cfg.dropout_output}, embedding dropout {cfg.dropout_embed}, AdamW weight decay {training.get("weight_decay")} |
 | state per session | {2 * sum(cfg.layer_sizes) * 4:,} bytes |
-| training | {training.get("best_step")} steps of {training.get("batch_size")} x {training.get("bptt")} tokens (best checkpoint), {hours:.2f} h on 2 CPU cores |
+| training | {training.get("best_step")} steps of {training.get("batch_size")} x {training.get("bptt")} tokens (best checkpoint), {hours:.2f} h of wall clock with {threads} thread{"s" if threads != 1 else ""} on a 2-core machine |
 
 ## Validation (last {100 * training["val_fraction"]:.0f}% of the corpus, {fp32.num_chars:,} characters, state carried throughout)
 
