@@ -20,6 +20,7 @@ one-process run, so the training loop has one code path.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -156,7 +157,12 @@ def process_group(ctx: DistContext) -> Iterator[None]:
     dist.init_process_group("gloo", init_method="env://", rank=ctx.rank, world_size=ctx.world_size)
     try:
         yield
+        # Leave together: a rank that tears gloo down while its peer is still in a collective (or
+        # whose DDP reducer, freed later by the garbage collector, still holds the group) can die in
+        # gloo's threads at exit with "terminate called without an active exception" (SIGABRT).
+        dist.barrier()
     finally:
+        gc.collect()  # the DDP wrapper and its reducer go now, while the group is alive
         dist.destroy_process_group()
 
 

@@ -3,19 +3,22 @@
 Decoding one token through nn.LSTM costs far more in per-call overhead than in arithmetic
 (three modules, oneDNN primitive setup, autograd bookkeeping). Here each layer is one GEMM of
 [x, h] against its concatenated gate weights (a GEMV W @ [x, h] at batch 1, the layout
-OpenBLAS reads fastest) plus a few elementwise calls, in numpy: OpenBLAS's GEMV measured ~3x
+OpenBLAS reads fastest) in numpy, then one compiled call for the gates and cell update
+(model/cell.py): OpenBLAS's GEMV measured ~3x
 faster than torch's single-row addmm on this machine, and torch.mv on two threads ~4x slower
 than on one (bench/decode.py prints the comparison in every run). For batched steps torch's
 matmul was up to 2x faster than OpenBLAS's sgemm at 2-16 rows in isolation, yet the service
 under load ran at half the throughput with it, so numpy stays for every batch size.
 
 At batch 1 the arithmetic of a 512-wide layer takes a few microseconds outside the GEMV, so
-what remains is the cost of each numpy call and each view it creates (~0.5-1 µs apiece). So:
+what remains is the cost of each call and each view it creates (~0.5-1 µs apiece). So:
 
 - the first layer's input projection is a table row per token (embedding @ W_ih^T + biases,
   precomputed for the whole vocabulary);
 - gate columns are reordered to (i, f, o, g) and the sigmoid gates' columns halved (exact in
-  floating point): sigmoid(z) = 0.5 + 0.5 * tanh(z / 2), so one tanh covers all four gates;
+  floating point): sigmoid(z) = 0.5 + 0.5 * tanh(z / 2), so one tanh covers all four gates
+  (the numba cell: 10 numpy calls per layer became one, ~82 instead of ~89 µs per token at
+  2 threads on the shipped model);
 - state rows are laid out [h_1 .. h_L, c_1 .. c_L] (lstm.flatten_state), so layer l's input
   [h_(l-1) new, h_l old] is one contiguous slice and the layers update a copy of the rows in
   place: no concatenation, no permutation, no allocation but the result;
@@ -35,6 +38,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .cell import lstm_cell
 from .hugepages import huge_page_copies
 from .lstm import LSTMLanguageModel, lstm_weights
 
@@ -61,7 +65,7 @@ def _rows_of(w: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class _Layer:
     w: np.ndarray  # (H, 4H) for layer 1 (its input comes from the table), else (I + H, 4H); C order
-    bias: np.ndarray  # (4H,); zeros for layer 1, whose biases are in the table
+    bias: np.ndarray  # (1, 4H); zeros for layer 1, whose biases are in the table
     table: np.ndarray | None  # (V, 4H) for layer 1
     # the same weights as (4H, in) in C order, for batch 1. Both are kept (+12.7 MB for the
     # shipped model): OpenBLAS's GEMM on the transposed view ran ~45% slower at 4 rows, 1 thread
@@ -75,22 +79,18 @@ class _Workspace:
     def __init__(self, sizes: list[int], buf: np.ndarray, gate_bufs: list[np.ndarray]):
         widths = sum(sizes)
         self.buf = buf  # [h_1 .. h_L, c_1 .. c_L]
+        self.zeros = np.zeros(len(buf), dtype=np.int64)  # row 0 of a bias, for every sequence
         h_at = np.cumsum([0, *sizes])
         self.layers = []
-        for i, (hs, gates) in enumerate(zip(sizes, gate_bufs, strict=True)):
+        for i, gates in enumerate(gate_bufs):
             self.layers.append(
                 (
                     buf[:, h_at[max(i - 1, 0)] : h_at[i + 1]],  # input: [h_(l-1), h_l], or h_1
                     gates,
-                    gates[:, : 3 * hs],  # the sigmoid gates
-                    gates[:, :hs],  # i
-                    gates[:, hs : 2 * hs],  # f
-                    gates[:, 2 * hs : 3 * hs],  # o
-                    gates[:, 3 * hs :],  # g
-                    buf[:, h_at[i] : h_at[i + 1]],  # h
-                    buf[:, widths + h_at[i] : widths + h_at[i + 1]],  # c
                     buf[0, h_at[max(i - 1, 0)] : h_at[i + 1]] if len(buf) == 1 else None,  # batch 1: input vector
                     gates[0] if len(buf) == 1 else None,  # batch 1: gates vector
+                    int(h_at[i]),  # where this layer's h starts in a row
+                    int(widths + h_at[i]),  # and its c
                 )
             )
 
@@ -108,12 +108,12 @@ class FusedStep:
             w_ih, w_hh, b_ih, b_hh = (t.detach().float() for t in lstm_weights(model.lstm(i)))
             if i == 0:
                 table = torch.addmm(b_ih + b_hh, emb, w_ih.t()).numpy()
-                zero = np.zeros(4 * hs, dtype=np.float32)
+                zero = np.zeros((1, 4 * hs), dtype=np.float32)
                 w = _prepared(w_hh.t().numpy(), hs)
                 self.layers.append(_Layer(w, zero, _prepared(table, hs), _rows_of(w)))
             else:
                 w = _prepared(torch.cat([w_ih, w_hh], dim=1).t().numpy(), hs)
-                self.layers.append(_Layer(w, _prepared((b_ih + b_hh).numpy(), hs), None, _rows_of(w)))
+                self.layers.append(_Layer(w, _prepared((b_ih + b_hh).numpy()[None, :], hs), None, _rows_of(w)))
         self.dec_w = np.ascontiguousarray(model.decoder.weight.detach().float().numpy().T)  # (H_L, V)
         # every matrix a step reads, in huge pages (model/hugepages.py): the batch-1 set first
         copies = iter(huge_page_copies([*(x.wt for x in self.layers), self.dec_w, *(x.w for x in self.layers)]))
@@ -123,6 +123,8 @@ class FusedStep:
         self.dec_b = model.decoder.bias.detach().float().numpy()
         self.top = slice(sum(sizes[:-1]), sum(sizes))  # the last layer's h
         self._local = threading.local()
+        # compile (or load numba's cache of) the cell now, not during the first request
+        self.step(np.zeros(1, dtype=np.int64), np.zeros((1, 2 * sum(sizes)), dtype=np.float32))
 
     def _workspace(self, batch: int) -> _Workspace:
         # Every batch size's workspace in a thread views the same buffers, sized for the largest
@@ -145,23 +147,15 @@ class FusedStep:
         """ids (B,) int64 and rows (B, S) -> the rows after consuming ids (a new array)."""
         ws = self._workspace(len(ids))
         np.copyto(ws.buf, rows)
-        matmul, tanh, multiply = np.matmul, np.tanh, np.multiply
-        for layer, (x, gates, sig, i, f, o, g, h, c, x1, gates1) in zip(self.layers, ws.layers):
+        for layer, (x, gates, x1, gates1, h_at, c_at) in zip(self.layers, ws.layers):
             if x1 is not None:
-                matmul(layer.wt, x1, out=gates1)
+                np.matmul(layer.wt, x1, out=gates1)
             else:
-                matmul(x, layer.w, out=gates)
+                np.matmul(x, layer.w, out=gates)
             if layer.table is not None:
-                gates += layer.table[ids]
+                lstm_cell(gates, layer.table, ids, ws.buf, h_at, c_at)
             else:
-                gates += layer.bias
-            tanh(gates, out=gates)
-            sig += 1.0
-            sig *= 0.5
-            c *= f  # c' = f * c + i * g
-            c += multiply(i, g, out=i)
-            tanh(c, out=h)  # h' = o * tanh(c')
-            h *= o
+                lstm_cell(gates, layer.bias, ws.zeros, ws.buf, h_at, c_at)
         return ws.buf.copy()
 
     def logits(self, rows: np.ndarray) -> np.ndarray:
