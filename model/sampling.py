@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -21,9 +22,6 @@ from .tokenizer import BOS_ID, UNK_ID
 NEVER_EMITTED = (BOS_ID, UNK_ID)  # generation never produces start-of-text or <unk>
 _NEVER = slice(min(NEVER_EMITTED), max(NEVER_EMITTED) + 1)  # ids 0 and 1: a slice, cheaper than a list
 assert len(range(_NEVER.start, _NEVER.stop)) == len(NEVER_EMITTED)
-
-
-_TINY = 1e-200
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ def apply_count_penalties(logits: np.ndarray, counts: np.ndarray, presence: floa
 def _weights(x: np.ndarray, rows: Sequence[SamplingParams]) -> np.ndarray:
     """Logits (B, V), float64, modified in place -> the unnormalised weights sampled from
     (temperature, top-k, top-p). Rows are independent: a row gives the same numbers alone or in a
-    batch, and a row nobody filters gets exactly the arithmetic of _sample_plain."""
+    batch (rows nobody filters are sampled by _sample_plain instead)."""
     # shift before dividing: the best logit becomes 0 and stays 0 at any temperature, so a tiny
     # one (even a denormal) overflows the others harmlessly to -inf instead of making inf - inf
     x -= x.max(axis=1, keepdims=True)
@@ -153,17 +151,34 @@ def _pick(weights: np.ndarray, cdf: np.ndarray, u: float) -> int:
     return k
 
 
-def _sample_plain(x: np.ndarray, temperature: float, u: float) -> int:
-    """One row (V,) with no top-k or top-p: the same arithmetic as _weights, in the fewest numpy
-    calls (at batch 1 a numpy call costs more than its arithmetic)."""
-    x -= x.max()
-    if temperature < _TINY:  # only a near-denormal temperature can overflow (to -inf: harmless)
-        with np.errstate(over="ignore"):
-            x /= temperature
-    else:
-        x /= temperature
-    np.exp(x, out=x)
-    return _pick(x, np.cumsum(x), u)
+@numba.njit(nogil=True, error_model="numpy", cache=True)  # no fastmath: the float64 sums stay in order
+def _sample_plain(x: np.ndarray, never_lo: int, never_hi: int, temperature: float, u: float) -> int:
+    """One row of logits (V,), float32 or float64, with no top-k or top-p, in one compiled pass:
+    ids in [never_lo, never_hi) get weight 0, the others exp((x - max) / temperature) in float64
+    (shifted before dividing, so the best token's weight is exactly 1 at any temperature and a
+    tiny temperature overflows the others harmlessly to 0), then _pick's rule on the running sum.
+    Every row without top-k or top-p is sampled here, alone or in a batch, so a seeded row gets
+    the same token either way (at batch 1 this replaces ~8 numpy calls: ~5 µs of a ~90 µs token)."""
+    n = x.shape[0]
+    best = -np.inf
+    for j in range(n):
+        if (j < never_lo or j >= never_hi) and x[j] > best:
+            best = np.float64(x[j])
+    weights = np.zeros(n)
+    cdf = np.empty(n)
+    total = 0.0
+    for j in range(n):
+        if j < never_lo or j >= never_hi:
+            weights[j] = np.exp((np.float64(x[j]) - best) / temperature)
+        total += weights[j]
+        cdf[j] = total
+    target = u * total
+    k = 0
+    while k < n - 1 and cdf[k] <= target:  # the first bin whose end passes the target
+        k += 1
+    while weights[k] == 0:  # only a target rounded onto the very end can land on an empty bin
+        k -= 1
+    return k
 
 
 def sample_rows(
@@ -181,6 +196,9 @@ def sample_rows(
     `counts[i]` (V,): how often each token has been generated in row i, for rows whose params
     have presence or frequency penalties (None otherwise)."""
     raw = logits.detach().numpy() if isinstance(logits, Tensor) else logits
+    if len(params) == 1 and _plain(params[0]) and not _penalised(params[0]):  # the common case, fast
+        only = np.ascontiguousarray(np.reshape(raw, -1))
+        return [_sample_plain(only, _NEVER.start, _NEVER.stop, params[0].temperature, uniforms[0])]
     x = np.array(raw, dtype=np.float64, ndmin=2)
     x[:, _NEVER] = -np.inf
     if contexts is not None:
@@ -192,17 +210,27 @@ def sample_rows(
             seen = counts[row]
             if seen is not None and p.counts_tokens:
                 apply_count_penalties(x[row], seen, p.presence_penalty, p.frequency_penalty)
-    if len(params) == 1:
-        p = params[0]
-        if p.temperature == 0.0:
-            return [int(x[0].argmax())]
-        if p.top_k == 0 and p.top_p == 1.0:
-            return [_sample_plain(x[0], p.temperature, uniforms[0])]
     out: list[int] = x.argmax(axis=1).tolist()  # greedy rows are done
-    sampled = [row for row, p in enumerate(params) if p.temperature != 0.0]
-    if sampled:
-        weights = _weights(x if len(sampled) == len(params) else x[sampled], [params[r] for r in sampled])
+    filtered = []
+    for row, p in enumerate(params):
+        if p.temperature == 0.0:
+            continue
+        if _plain(p):
+            out[row] = _sample_plain(x[row], _NEVER.start, _NEVER.stop, p.temperature, uniforms[row])
+        else:
+            filtered.append(row)
+    if filtered:
+        weights = _weights(x if len(filtered) == len(params) else x[filtered], [params[r] for r in filtered])
         cdf = np.cumsum(weights, axis=1)
-        for i, row in enumerate(sampled):
+        for i, row in enumerate(filtered):
             out[row] = _pick(weights[i], cdf[i], uniforms[row])
     return out
+
+
+def _plain(p: SamplingParams) -> bool:
+    """Sampled with temperature alone (no top-k, no top-p): _sample_plain's rows."""
+    return p.temperature != 0.0 and p.top_k == 0 and p.top_p == 1.0
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.counts_tokens

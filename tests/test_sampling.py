@@ -131,3 +131,24 @@ def test_tiny_temperatures_are_greedy_not_nan(temperature: float) -> None:
     gen = make_generator(0)
     # ids 0 and 1 tie with 3 at the top of LOGITS but are never emitted; 3 is the best allowed
     assert {sample_token(LOGITS, SamplingParams(temperature=temperature), gen) for _ in range(20)} == {3}
+
+
+def test_compiled_plain_sampler_follows_the_cumulative_weight_rule() -> None:
+    """_sample_plain (numba) against the rule in numpy: weights exp((x - max) / T) with <s> and
+    <unk> at 0, the first bin of their running sum that passes u * total. float32 and float64
+    logits (the fast path and the batched one) pick the same token."""
+    from model.sampling import _sample_plain
+
+    rng = np.random.default_rng(1)
+    for trial in range(2000):
+        vocab = int(rng.integers(3, 300))
+        x = (rng.standard_normal(vocab) * rng.uniform(0.1, 6)).astype(np.float32)
+        temperature, u = float(rng.uniform(0.05, 3)), float(rng.random())
+        w = np.exp((x.astype(np.float64) - x[2:].max()) / temperature)
+        w[:2] = 0.0
+        cdf = np.cumsum(w)
+        want = min(int(cdf.searchsorted(u * cdf[-1], side="right")), vocab - 1)
+        while w[want] == 0:
+            want -= 1
+        assert _sample_plain(x, 0, 2, temperature, u) == want, trial
+        assert _sample_plain(x.astype(np.float64), 0, 2, temperature, u) == want, trial
