@@ -18,8 +18,14 @@ not depend on what it is batched with.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import Any
+
 import numba
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 _CLAMP = np.float32(7.90531110763549805)  # beyond this, tanh is 1 in float32
 # numerator (odd, x^1..x^13) and denominator (even, x^0..x^6), highest power first
@@ -33,7 +39,22 @@ _Q0, _Q1, _Q2, _Q3 = _Q
 _HALF = np.float32(0.5)
 
 
-@numba.njit(nogil=True, fastmath=True, error_model="numpy", cache=True, inline="always")
+def compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """numba.njit(nogil=True, error_model="numpy", **options), cached on disk where numba finds a
+    writable place (beside this file, $HOME/.cache or NUMBA_CACHE_DIR), else compiled in each
+    process (~1 s at start): on a read-only root filesystem caching must not stop the service."""
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        try:
+            return numba.njit(nogil=True, error_model="numpy", cache=True, **options)(fn)
+        except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+            log.info("numba cannot cache %s (%s); compiling it in this process", fn.__name__, exc)
+            return numba.njit(nogil=True, error_model="numpy", cache=False, **options)(fn)
+
+    return decorate
+
+
+@compiled(fastmath=True, inline="always")
 def fast_tanh(x: np.float32) -> np.float32:
     """tanh(x) for float32 x, to within 3e-7 (saturates at 1 - 2.4e-7)."""
     x = x if x < _CLAMP else _CLAMP
@@ -44,7 +65,7 @@ def fast_tanh(x: np.float32) -> np.float32:
     return p / q
 
 
-@numba.njit(nogil=True, fastmath=True, error_model="numpy", cache=True)
+@compiled(fastmath=True)
 def lstm_cell(gates: np.ndarray, add: np.ndarray, ids: np.ndarray, state: np.ndarray, h_at: int, c_at: int) -> None:
     """Finish one layer's step for a batch, in place.
 

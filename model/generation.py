@@ -36,6 +36,10 @@ class GenerationParams:
     seed: int | None = None
     logprobs: int = 0  # top-N alternatives to report per generated token
     deadline: float | None = None  # time.monotonic() after which generation ends ("time_limit")
+    # False: nothing continues from the final state (a request without a session), so a last
+    # token reached by max_tokens is not fed through the model (one step fewer per request);
+    # Finished.rows is then the state before that token
+    keep_state: bool = True
 
     def __post_init__(self) -> None:
         if any(not s for s in self.stop):
@@ -57,7 +61,7 @@ class Finished:
     finish_reason: str  # "length", "stop" or "time_limit"
     text: str
     completion_tokens: int  # tokens the final state has consumed beyond the prompt
-    rows: np.ndarray  # (1, S): the state after the prompt and `text`
+    rows: np.ndarray  # (1, S): the state after the prompt and `text` (before its last token if not keep_state)
 
 
 @dataclass
@@ -140,6 +144,16 @@ class Decoder:
             top = [(int(i), float(logp[i])) for i in best]
         self._next = token
         self._next_event = TokenEvent(self._texts[token], token, logprob, top)
+
+    def ends_unstepped(self) -> bool:
+        """Whether the token about to be fed is this sequence's last (by length, with no stop
+        string that could cut it) and nobody needs the state after it."""
+        return (
+            not self.params.keep_state
+            and not self._max_stop
+            and self.finished is None
+            and len(self._generated) + 1 >= self.params.max_tokens
+        )
 
     def next_input(self) -> int:
         """The token to feed this step (the one just sampled)."""
@@ -261,6 +275,10 @@ def step_decoders(engine: Engine, decoders: Sequence[Decoder], rows: np.ndarray 
     `rows` (B, S) are the decoders' current rows in order when the caller still holds them from
     the previous call (None: gathered from the decoders). Returns the new rows: row i belongs to
     decoders[i], and each decoder's `row` is a view into it."""
+    if all(d.ends_unstepped() for d in decoders):  # every one ends here and keeps no state
+        for d in decoders:
+            d.accept(d.row)
+        return rows if rows is not None else np.stack([d.row for d in decoders])
     if rows is None:
         rows = np.stack([d.row for d in decoders])
     ids = np.fromiter((d.next_input() for d in decoders), dtype=np.int64, count=len(decoders))

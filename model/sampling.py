@@ -12,11 +12,11 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 from torch import Tensor
 
+from .cell import compiled
 from .tokenizer import BOS_ID, UNK_ID
 
 NEVER_EMITTED = (BOS_ID, UNK_ID)  # generation never produces start-of-text or <unk>
@@ -151,7 +151,7 @@ def _pick(weights: np.ndarray, cdf: np.ndarray, u: float) -> int:
     return k
 
 
-@numba.njit(nogil=True, error_model="numpy", cache=True)  # no fastmath: the float64 sums stay in order
+@compiled()  # no fastmath: the float64 sums stay in order
 def _sample_plain(x: np.ndarray, never_lo: int, never_hi: int, temperature: float, u: float) -> int:
     """One row of logits (V,), float32 or float64, with no top-k or top-p, in one compiled pass:
     ids in [never_lo, never_hi) get weight 0, the others exp((x - max) / temperature) in float64

@@ -208,6 +208,7 @@ class LMService:
             seed=req.seed,
             logprobs=req.logprobs,
             deadline=None if self.generation_timeout is None else started + self.generation_timeout,
+            keep_state=ctx.session_id is not None,
         )
         decoder = Decoder(self.engine, self.tokenizer, rows, params, enc.ids)
         return Generation(ctx, len(enc.ids), enc.unknown_chars, decoder, started)

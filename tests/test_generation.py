@@ -103,3 +103,31 @@ def test_zero_max_tokens(char_lm: LanguageModel) -> None:
 def test_empty_stop_rejected() -> None:
     with pytest.raises(ValueError):
         GenerationParams(stop=("",))
+
+
+class CountingEngine(Engine):
+    """The real engine, counting the rows it steps in decoding."""
+
+    stepped = 0
+
+    def step(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        self.stepped += len(ids)
+        return super().step(ids, rows)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 12])
+def test_without_a_state_to_keep_the_last_token_is_not_stepped(char_lm: LanguageModel, max_tokens: int) -> None:
+    """keep_state=False (a request with no session): the same text, usage and events, one engine
+    step fewer; with a stop string the last step stays (a cut may need the state)."""
+    results = {}
+    for keep, stop in [(True, ()), (False, ()), (False, ("zzz",))]:
+        engine = CountingEngine(char_lm.model)
+        params = GenerationParams(max_tokens=max_tokens, seed=3, keep_state=keep, stop=stop)
+        items = list(generate(engine, char_lm.tokenizer, engine.prefill([5, 6], engine.start()), params))
+        fin = items[-1]
+        assert isinstance(fin, Finished)
+        results[keep, stop] = (engine.stepped, fin.text, fin.completion_tokens, len(items))
+    kept, unkept, with_stop = results[True, ()], results[False, ()], results[False, ("zzz",)]
+    assert kept[0] == max_tokens and unkept[0] == max_tokens - 1  # decode steps (prefill is not counted)
+    assert kept[1:] == unkept[1:] == with_stop[1:]
+    assert with_stop[0] == kept[0]

@@ -51,7 +51,7 @@ K8S_VERSIONS = ["1.27", "newest"]
 PENDING_ENV_VARS = {"API_KEYS_FILE"}
 # Set in the Deployment's own `env`, not service settings: XDG_RUNTIME_DIR moves gunicorn's control
 # socket (default $HOME/.gunicorn/, on the read-only root) to the /tmp emptyDir.
-PROCESS_ENV_VARS = {"XDG_RUNTIME_DIR"}
+PROCESS_ENV_VARS = {"XDG_RUNTIME_DIR", "NUMBA_CACHE_DIR"}  # read by gunicorn and numba, not Settings
 # Measured RSS of one gunicorn worker serving the shipped model (README Performance: 431, 498 MB).
 WORKER_RSS_MIB = 500
 
@@ -249,6 +249,7 @@ def test_writable_paths_are_on_volumes_and_the_root_is_read_only() -> None:
     env = {e["name"]: e["value"] for e in c.get("env", [])}
     assert set(env) <= PROCESS_ENV_VARS, "service settings belong in the ConfigMap"
     assert "emptyDir" in volume(mount_of(env["XDG_RUNTIME_DIR"])["name"])
+    assert "emptyDir" in volume(mount_of(env["NUMBA_CACHE_DIR"])["name"])
 
 
 def test_api_keys_file_is_the_mounted_secret() -> None:
