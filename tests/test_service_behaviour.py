@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,19 +75,27 @@ def test_redis_outage_and_recovery(char_lm_dir: Path, tmp_path: Path) -> None:
         redis.stop()
 
 
-def _run(client: Any, seed: int) -> str:
-    body = {"prompt": "To be", "max_tokens": 60, "seed": seed, "temperature": 1.0, "top_p": 0.95}
+def _run(client: Any, seed: int, tokens: int = 60) -> str:
+    body = {"prompt": "To be", "max_tokens": tokens, "seed": seed, "temperature": 1.0, "top_p": 0.95}
     return str(client.post("/generate", json=body).get_json()["text"])
 
 
 def test_seeded_output_is_the_same_alone_or_batched(make_app: AppFactory) -> None:
     app = make_app()
     client = app.test_client()
-    alone = [_run(client, seed) for seed in range(12)]
+    # long enough, and started together, that the 12 overlap even on a busy machine (the tiny
+    # model steps in microseconds: 60-token requests could finish before the next one joined)
+    alone = [_run(client, seed, 400) for seed in range(12)]
     scheduler = app.extensions["lm_service"].scheduler
     ticks, rows = scheduler.ticks, scheduler.batch_sizes_total
+    start = threading.Barrier(12)
+
+    def together_run(seed: int) -> str:
+        start.wait()
+        return _run(app.test_client(), seed, 400)
+
     with ThreadPoolExecutor(12) as pool:
-        together = list(pool.map(lambda s: _run(app.test_client(), s), range(12)))
+        together = list(pool.map(together_run, range(12)))
     assert together == alone
     assert (scheduler.batch_sizes_total - rows) / (scheduler.ticks - ticks) > 1.5, "requests were not batched"
 
