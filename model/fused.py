@@ -4,11 +4,11 @@ Decoding one token through nn.LSTM costs far more in per-call overhead than in a
 (three modules, oneDNN primitive setup, autograd bookkeeping). Here each layer is one GEMM of
 [x, h] against its concatenated gate weights (a GEMV W @ [x, h] at batch 1, the layout
 OpenBLAS reads fastest) in numpy, then one compiled call for the gates and cell update
-(model/cell.py): OpenBLAS's GEMV measured ~3x
-faster than torch's single-row addmm on this machine, and torch.mv on two threads ~4x slower
-than on one (bench/decode.py prints the comparison in every run). For batched steps torch's
-matmul was up to 2x faster than OpenBLAS's sgemm at 2-16 rows in isolation, yet the service
-under load ran at half the throughput with it, so numpy stays for every batch size.
+(model/cell.py). OpenBLAS's GEMV measured ~3x faster than torch's single-row addmm on this
+machine, and torch.mv on two threads ~4x slower than on one (bench/decode.py prints the
+comparison in every run). For batched steps torch's matmul was up to 2x faster than
+OpenBLAS's sgemm at 2-16 rows in isolation, yet the service under load ran at half the
+throughput with it, so numpy stays for every batch size.
 
 At batch 1 the arithmetic of a 512-wide layer takes a few microseconds outside the GEMV, so
 what remains is the cost of each call and each view it creates (~0.5-1 µs apiece). So:

@@ -227,6 +227,15 @@ def sample_rows(
     return out
 
 
+def warm_up() -> None:
+    """Compile (or load numba's cache of) the sampling kernel for the logits it meets: float32 rows
+    alone, float64 rows in a batch. Costs ~0.4-1 s once; a server does it at start-up, so its
+    first sampled request does not."""
+    plain = SamplingParams()
+    sample_rows(np.zeros((1, 3), dtype=np.float32), [plain], [0.5])
+    sample_rows(np.zeros((2, 3), dtype=np.float32), [plain, plain], [0.5, 0.5])
+
+
 def _plain(p: SamplingParams) -> bool:
     """Sampled with temperature alone (no top-k, no top-p): _sample_plain's rows."""
     return p.temperature != 0.0 and p.top_k == 0 and p.top_p == 1.0

@@ -11,7 +11,7 @@ from flask import Flask, Response
 from flask.json.provider import DefaultJSONProvider
 from threadpoolctl import threadpool_limits
 
-from model import CheckpointError, LanguageModel, load
+from model import CheckpointError, LanguageModel, load, sampling
 from model.engine import Engine
 
 from . import access, api, card, errors, metrics, openai_api, replica, ui
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None, *, store: SessionStore | None =
     torch.set_num_threads(settings.effective_torch_threads())
     threadpool_limits(settings.effective_blas_threads())
     lm = load_model(settings)
+    sampling.warm_up()  # the compiled sampler, before the first request rather than during it
     service = LMService(
         lm,
         store or build_store(settings, lm.fingerprint),

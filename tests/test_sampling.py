@@ -152,3 +152,13 @@ def test_compiled_plain_sampler_follows_the_cumulative_weight_rule() -> None:
             want -= 1
         assert _sample_plain(x, 0, 2, temperature, u) == want, trial
         assert _sample_plain(x.astype(np.float64), 0, 2, temperature, u) == want, trial
+
+
+def test_warm_up_compiles_both_kernel_signatures() -> None:
+    """What a server runs at start-up: afterwards the kernel holds float32 and float64 versions,
+    so no request pays a compile."""
+    from model.sampling import _sample_plain, warm_up
+
+    warm_up()
+    kinds = {str(sig[0].dtype) for sig in _sample_plain.signatures}
+    assert {"float32", "float64"} <= kinds
