@@ -2,8 +2,9 @@
 
 Snapshots taken late in a run (while the learning rate anneals) sit around one minimum; their
 mean usually generalises a little better than any one of them (Izmailov et al., 2018). The
-snapshots are the run's resumable states (`<out>/resume/tensors-<step>.safetensors`, copied as
-training goes) or checkpoint directories of the same model.
+snapshots are the weights a run keeps with `--snapshots-from` (`<out>/snapshots/step-<n>.safetensors`),
+its resumable states (`<out>/resume/tensors-<step>.safetensors`) or checkpoint directories of the
+same model.
 """
 
 from __future__ import annotations

@@ -74,6 +74,11 @@ def weights_for_saving(model: LSTMLanguageModel) -> dict[str, torch.Tensor]:
     return state
 
 
+def save_weights(model: LSTMLanguageModel, path: Path) -> None:
+    """The model's weights alone as one safetensors file (a checkpoint's, or a training snapshot)."""
+    _atomic_write(path, lambda p: save_file(weights_for_saving(model), str(p), metadata={"format": FORMAT}))
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -96,7 +101,7 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights_path = directory / WEIGHTS_FILE
-    _atomic_write(weights_path, lambda p: save_file(weights_for_saving(model), str(p), metadata={"format": FORMAT}))
+    save_weights(model, weights_path)
     tok_path = tokenizer.save(directory)
     files = {WEIGHTS_FILE: sha256_file(weights_path), tok_path.name: sha256_file(tok_path)}
     fingerprint = compute_fingerprint(files[WEIGHTS_FILE], files[tok_path.name])

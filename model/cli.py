@@ -226,8 +226,9 @@ def _add_average(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "average",
         help="average snapshots of one run into a checkpoint (SWA)",
-        description="Average the weights of several snapshots of one training run (resume files "
-        "<out>/resume/tensors-<step>.safetensors copied during training, or checkpoint directories), score the "
+        description="Average the weights of several snapshots of one training run (the files a run given "
+        "--snapshots-from keeps in <out>/snapshots/, resume files <out>/resume/tensors-<step>.safetensors, or "
+        "checkpoint directories), score the "
         "mean on the run's validation split, and write it as a checkpoint. Run from the directory training ran in.",
     )
     p.add_argument("checkpoint", help="the run's checkpoint directory (config, tokenizer and training record)")

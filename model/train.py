@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .chat import TEMPLATES, template_named
-from .checkpoint import save_checkpoint, weights_for_saving
+from .checkpoint import save_checkpoint, save_weights, weights_for_saving
 from .data import BatchStream, encode_documents, read_texts, split_documents
 from .distributed import SINGLE, DistContext, wrap
 from .evaluate import EvalResult, stream_nll, summarize
@@ -34,6 +34,7 @@ from .resume import load_resume_state, save_resume_state
 from .tokenizer import BOS_ID, CharTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 RESUME_DIR = "resume"
+SNAPSHOT_DIR = "snapshots"
 TRAIN_CONFIG_FILE = "train_config.json"
 CURVE_FILE = "training_curve.png"
 HISTORY_FILE = "history.json"
@@ -92,6 +93,12 @@ class TrainConfig(ModelHyperparameters):
     )
     eval_interval: int = option(250, "steps between validation runs (and best-checkpoint saves)", group="bookkeeping")
     checkpoint_interval: int = option(100, "steps between resumable-state saves", group="bookkeeping")
+    snapshots_from: int = option(
+        0,
+        "from this step on, also keep the weights of every resumable-state save in --out/snapshots/ "
+        "(for `lstm-lm average`; 0: keep none)",
+        group="bookkeeping",
+    )
     early_stop_patience: int = option(
         0, "stop after this many evaluations without improvement (0: never)", group="bookkeeping"
     )
@@ -133,13 +140,24 @@ class TrainConfig(ModelHyperparameters):
             raise ValueError("batch size, bptt, steps and intervals must be positive")
         if self.epoch_offset < 0:
             raise ValueError("epoch_offset must be 0 or more")
+        if self.snapshots_from < 0:
+            raise ValueError("snapshots_from must be 0 or more")
         if not 0.0 <= self.adam_beta2 < 1.0:
             raise ValueError("adam_beta2 must be in [0, 1)")
 
 
 # what may change when a run is resumed without making it a different run
 RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "max_minutes", "eval_interval", "checkpoint_interval", "threads", "name", "chat_template"}
+    {
+        "max_steps",
+        "max_minutes",
+        "eval_interval",
+        "checkpoint_interval",
+        "snapshots_from",
+        "threads",
+        "name",
+        "chat_template",
+    }
 )
 
 
@@ -377,6 +395,10 @@ class Trainer:
                     "world_size": self.dist.world_size,
                 },
             )
+            if self.cfg.snapshots_from and self.step >= self.cfg.snapshots_from:
+                # the resume file is replaced at every save; these stay, for weight averaging
+                (self.out / SNAPSHOT_DIR).mkdir(exist_ok=True)
+                save_weights(self.model, self.out / SNAPSHOT_DIR / f"step-{self.step}.safetensors")
         self.dist.barrier()
 
     def train_step(self) -> float:

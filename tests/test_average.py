@@ -62,3 +62,17 @@ def test_cli_average(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
     summary = json.loads(r.stdout)
     assert summary["averaged"] == 2 and summary["bits_per_char"] > 0
     assert load(tmp_path / "m").fingerprint == summary["fingerprint"]
+
+
+def test_a_run_keeps_snapshots_from_the_step_asked(tiny_corpus: Path, tmp_path: Path) -> None:
+    run = train_tiny(tiny_corpus, tmp_path / "run", max_steps=20, checkpoint_interval=5, snapshots_from=10)
+    snaps = sorted((run / "snapshots").glob("*.safetensors"), key=lambda p: int(p.stem.split("-")[1]))
+    assert [p.name for p in snaps] == ["step-10.safetensors", "step-15.safetensors", "step-20.safetensors"]
+    # a snapshot is the weights at its step: the last one is the final (evaluated, best-or-not) step's
+    last = load_file(str(snaps[-1]))
+    resume = load_file(str(next((run / "resume").glob("tensors-20.safetensors"))))
+    assert last.keys() == {k[len("model.") :] for k in resume if k.startswith("model.")}
+    assert all(torch.equal(v, resume[f"model.{k}"]) for k, v in last.items())
+    result, _ = average_checkpoint(load(run), snaps, tmp_path / "avg")
+    assert result.nats_per_char > 0
+    assert load(tmp_path / "avg").meta["training"]["averaged_from"] == [p.name for p in snaps]
