@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from model import LanguageModel
+from model.tokenizer import BOS_ID
 
 
 class _OneStep(nn.Module):
@@ -49,17 +50,22 @@ def export(lm: LanguageModel, path: Path) -> None:
 
 
 def onnx_loop(session: Any, lm: LanguageModel, n: int) -> list[int]:
-    """Greedy decoding, one session.run per token, feeding the state back (what a user writes)."""
+    """Greedy decoding, one session.run per token, feeding the state back (what a user writes).
+    Like model.engine.greedy_steps it starts from the state after <s> (one step from zeros, not
+    counted in `n`), then feeds token 2: both must produce the same tokens."""
     sizes = lm.config.layer_sizes
     feed: dict[str, np.ndarray] = {f"{k}{i}": np.zeros((1, h), np.float32) for i, h in enumerate(sizes) for k in "hc"}
-    token = np.array([[2]], dtype=np.int64)
+    token = np.array([[BOS_ID]], dtype=np.int64)
     names = [o.name for o in session.get_outputs()]
     out = []
-    for _ in range(n):
+    for step in range(n + 1):
         feed["ids"] = token
         results = session.run(None, feed)
         for name, value in zip(names[1:], results[1:]):
             feed[name[len("new_") :]] = value
+        if step == 0:  # that was <s>
+            token = np.array([[2]], dtype=np.int64)
+            continue
         token = results[0].argmax(axis=1).reshape(1, 1)
         out.append(int(token[0, 0]))
     return out

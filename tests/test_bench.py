@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench import decode, prefill
 
 
@@ -58,3 +60,17 @@ def test_side_by_side_runs_against_a_real_worker(char_lm_dir: Path) -> None:
     assert all(len(v) == 2 and min(v) > 0 for v in rates.values())
     assert side_by_side.median_ratio(result, "http", "engine [2]") > 0
     assert "rounds of 20 tokens" in side_by_side.report(result)
+
+
+def test_onnx_peer_decodes_the_same_tokens_as_the_engine(char_lm_dir: Path, tmp_path: Path) -> None:
+    """The side-by-side report says whether onnxruntime and the engine agree; both must start from
+    the state after <s> (from zeros, the peer diverged on the shipped 3 x 512 model)."""
+    ort = pytest.importorskip("onnxruntime", reason="the bench extra: pip install -e '.[bench]'")
+    from bench import onnx_peer
+    from model import load
+    from model.engine import Engine, greedy_steps
+
+    lm = load(char_lm_dir)
+    onnx_peer.export(lm, tmp_path / "step.onnx")
+    session = onnx_peer.session(ort, tmp_path / "step.onnx", threads=1)
+    assert onnx_peer.onnx_loop(session, lm, 40) == greedy_steps(Engine(lm.model), 40)
