@@ -53,8 +53,8 @@ PENDING_ENV_VARS = {"API_KEYS_FILE"}
 # socket (default $HOME/.gunicorn/, on the read-only root) to the /tmp emptyDir.
 PROCESS_ENV_VARS = {"XDG_RUNTIME_DIR", "NUMBA_CACHE_DIR"}  # read by gunicorn and numba, not Settings
 # Measured RSS of one gunicorn worker serving the shipped model under load (README Performance:
-# 537, 558 MB with numba; 445, 463 MB before it).
-WORKER_RSS_MIB = 560
+# 569, 585 MB with the 3 x 512 model; 537, 558 MB with the 2 x 512 one; 445, 463 MB before numba).
+WORKER_RSS_MIB = 590
 
 
 # ---- loading -------------------------------------------------------------------------------
