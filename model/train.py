@@ -201,7 +201,7 @@ PRESETS = {
         ),
     ),
     "small": Preset(
-        "2 x 256 LSTM, about 20 minutes",
+        "2 x 256 LSTM, about 7 minutes on a fast machine (1.55 nats/char on Tiny Shakespeare), at most 25",
         dict(
             embed_dim=64,
             hidden_size=256,

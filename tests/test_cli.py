@@ -129,4 +129,4 @@ def test_presets_are_in_the_help_with_their_times() -> None:
     out = cli("train", "--help").stdout
     for preset in ("tiny", "small", "shakespeare"):
         assert preset in out
-    assert "3 minutes" in out and "20 minutes" in out
+    assert "3 minutes" in out and "7 minutes" in out
