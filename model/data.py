@@ -16,14 +16,13 @@ The LSTM state of row b after window k is the right state for row b at window k 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .tokenizer import BOS_ID, SentencePieceTokenizer, Tokenizer
+from .tokenizer import BOS_ID, Tokenizer
 
 
 class CorpusError(ValueError):
@@ -66,20 +65,10 @@ def split_documents(texts: list[str], val_fraction: float) -> tuple[list[str], l
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> Tensor:
     """One token stream: <s> doc1 <s> doc2 ..."""
-    return _stream(tokenizer.encode(doc) for doc in documents)
-
-
-def sample_documents(tokenizer: SentencePieceTokenizer, documents: list[str], alpha: float, seed: int) -> Tensor:
-    """The stream of encode_documents with each document segmented at random
-    (SentencePieceTokenizer.sample); a function of `seed`, so a resumed run redraws it."""
-    return _stream(tokenizer.sample(doc, alpha, seed * 1_000_003 + i) for i, doc in enumerate(documents))
-
-
-def _stream(encoded: Iterable[list[int]]) -> Tensor:
     ids: list[int] = []
-    for doc in encoded:
+    for doc in documents:
         ids.append(BOS_ID)
-        ids.extend(doc)
+        ids.extend(tokenizer.encode(doc))
     return torch.tensor(ids, dtype=torch.long)
 
 

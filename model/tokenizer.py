@@ -216,16 +216,6 @@ class SentencePieceTokenizer(_TokenTable):
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(self._clean(text)))
 
-    def sample(self, text: str, alpha: float, seed: int) -> list[int]:
-        """One segmentation of `text` drawn at random (subword regularisation, Kudo 2018): for a
-        unigram model from the distribution over all segmentations, sharpened by `alpha` (the
-        smaller, the more it strays from the best one); for BPE, merges dropped with probability
-        `alpha`. The same seed gives the same segmentation."""
-        import sentencepiece as spm
-
-        spm.set_random_generator_seed(seed % (1 << 32))  # process-wide: sampling is not for concurrent use
-        return list(self._sp.encode(self._clean(text), enable_sampling=True, alpha=alpha, nbest_size=-1))
-
     def encode_with_unknowns(self, text: str) -> Encoding:
         text = self._clean(text)
         known = self._known

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .chat import TEMPLATES, template_named
 from .checkpoint import save_checkpoint, save_weights, weights_for_saving
-from .data import BatchStream, encode_documents, read_texts, sample_documents, split_documents
+from .data import BatchStream, encode_documents, read_texts, split_documents
 from .distributed import SINGLE, DistContext, wrap
 from .evaluate import EvalResult, stream_nll, summarize
 from .lstm import INIT_SCHEMES, LSTMLanguageModel, ModelConfig, ModelHyperparameters, State, detach_state
@@ -53,13 +53,6 @@ class TrainConfig(ModelHyperparameters):
     sp_vocab_size: int = option(1024, "SentencePiece vocabulary size", group="tokenizer")
     sp_model_type: str = option("unigram", "SentencePiece algorithm", group="tokenizer", choices=("unigram", "bpe"))
     val_fraction: float = option(0.1, "last fraction of the characters held out for validation", group="tokenizer")
-    sp_sampling: float = option(
-        0.0,
-        "subword regularisation: every epoch segments the training text anew at random, with this "
-        "SentencePiece alpha (unigram: 0.2-0.5, where smaller strays further from the best segmentation; "
-        "bpe: the chance of dropping a merge); validation keeps the best segmentation (0: off)",
-        group="tokenizer",
-    )
     init: str = option(
         "forget_bias",
         "weight initialisation: forget_bias (N(0,1) embeddings, zero biases, forget gate 1) or pytorch "
@@ -151,10 +144,6 @@ class TrainConfig(ModelHyperparameters):
             raise ValueError("snapshots_from must be 0 or more")
         if not 0.0 <= self.adam_beta2 < 1.0:
             raise ValueError("adam_beta2 must be in [0, 1)")
-        if not 0.0 <= self.sp_sampling <= 1.0:
-            raise ValueError("sp_sampling must be in [0, 1]")
-        if self.sp_sampling and self.tokenizer != "sentencepiece":
-            raise ValueError("sp_sampling needs --tokenizer sentencepiece (characters have one segmentation)")
 
 
 # what may change when a run is resumed without making it a different run
@@ -322,12 +311,12 @@ class Trainer:
         self.progress = progress and dist.is_main
         torch.set_num_threads(dist.threads(cfg.threads, os.cpu_count()))  # the cores unless told otherwise
         texts = read_texts([Path(p) for p in cfg.data])
-        self.train_docs, self.val_docs = split_documents(texts, cfg.val_fraction)
+        train_docs, self.val_docs = split_documents(texts, cfg.val_fraction)
         saved = load_resume_state(self.resume_dir) if resume else None
         if saved is None and dist.is_main:
             # a fresh run: rank 0 builds the vocabulary once and the others read it (a SentencePiece
             # model trained on each rank need not come out the same)
-            self.tokenizer = build_tokenizer(cfg, self.train_docs)
+            self.tokenizer = build_tokenizer(cfg, train_docs)
             self.resume_dir.mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(self.resume_dir)
             (self.resume_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -343,11 +332,11 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg)
         self.schedule = Schedule(cfg)
         self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
-        self.batches = self._stream(encode_documents(self.tokenizer, self.train_docs))
+        self.batches = BatchStream.from_stream(
+            encode_documents(self.tokenizer, train_docs), cfg.batch_size, cfg.bptt, cfg.epoch_offset
+        )
         self.carried = self._zero_state()
         self.step, self.elapsed = 0, 0.0
-        self.epoch, self.window = 0, 0  # where the next step's window is
-        self._sampled, self._sampled_epoch = self.batches, -1  # --sp-sampling: the current epoch's windows
         self.history: list[dict[str, Any]] = []
         self.loss_sum, self.loss_count = 0.0, 0  # training loss since the last evaluation
         self.best: EvalResult | None = None
@@ -358,23 +347,6 @@ class Trainer:
 
     def _zero_state(self) -> State:
         return self.model.init_state(self.rows.stop - self.rows.start)
-
-    def _stream(self, stream: torch.Tensor) -> BatchStream:
-        return BatchStream.from_stream(stream, self.cfg.batch_size, self.cfg.bptt, self.cfg.epoch_offset)
-
-    def epoch_batches(self, epoch: int) -> BatchStream:
-        """The windows of `epoch`: the same every epoch, or with --sp-sampling a segmentation of
-        the epoch's own (drawn from the seed and the epoch, so every rank and a resumed run agree;
-        its length, and so the epoch's number of windows, varies)."""
-        if not self.cfg.sp_sampling:
-            return self.batches
-        if self._sampled_epoch != epoch:
-            assert isinstance(self.tokenizer, SentencePieceTokenizer)
-            stream = sample_documents(
-                self.tokenizer, self.train_docs, self.cfg.sp_sampling, self.cfg.seed * 1_000_003 + epoch
-            )
-            self._sampled, self._sampled_epoch = self._stream(stream), epoch
-        return self._sampled
 
     def _restore(self, saved: dict[str, Any]) -> None:
         info = saved["info"]
@@ -394,8 +366,6 @@ class Trainer:
             raise ValueError(f"the resumable state holds {flat[0].size(0)} rows, not {self.cfg.batch_size}")
         self.carried = tuple((flat[2 * i][self.rows], flat[2 * i + 1][self.rows]) for i in range(len(flat) // 2))
         self.step, self.elapsed, self.history = info["step"], info["elapsed"], info["history"]
-        # runs saved before the cursor was recorded had same-length epochs
-        self.epoch, self.window = info.get("epoch_window") or divmod(self.step, self.batches.windows_per_epoch)
         self.loss_sum, self.loss_count = info["loss_sum"], info["loss_count"]
         for key, value in info["schedule"].items():
             setattr(self.schedule, key, value)
@@ -416,7 +386,6 @@ class Trainer:
                 torch_rngs=torch_rngs,
                 info={
                     "step": self.step,
-                    "epoch_window": [self.epoch, self.window],
                     "elapsed": self.elapsed,
                     "history": self.history,
                     "loss_sum": self.loss_sum,
@@ -434,15 +403,12 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step on the next window; returns its training loss."""
-        cfg, model = self.cfg, self.model
-        batches = self.epoch_batches(self.epoch)
-        if self.window >= batches.windows_per_epoch:
-            self.epoch, self.window = self.epoch + 1, 0
-            batches = self.epoch_batches(self.epoch)
-        if self.window == 0:
+        cfg, batches, model = self.cfg, self.batches, self.model
+        window = self.step % batches.windows_per_epoch
+        if window == 0:
             self.carried = self._zero_state()
-        inputs, targets = batches.window(self.window, batches.epoch_offset(cfg.seed, self.epoch))
-        self.window += 1
+        epoch = self.step // batches.windows_per_epoch
+        inputs, targets = batches.window(window, batches.epoch_offset(cfg.seed, epoch))
         inputs, targets = inputs[self.rows].clone(), targets[self.rows]  # (B / ranks, T): this rank's rows
         carried = self.carried
         if cfg.reset_prob > 0:
@@ -478,7 +444,7 @@ class Trainer:
             self.history.append(
                 {
                     "step": self.step,
-                    "epoch": self.epoch + self.window / self.epoch_batches(self.epoch).windows_per_epoch,
+                    "epoch": self.step / self.batches.windows_per_epoch,
                     "train_loss": self.loss_sum / max(self.loss_count, 1),
                     "val_nats_per_char": result.nats_per_char,
                     "val_token_loss": result.total_nats / max(result.num_tokens, 1),

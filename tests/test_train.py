@@ -4,13 +4,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.data import BatchStream, encode_documents, sample_documents, split_documents
-from model.tokenizer import BOS_ID, SentencePieceTokenizer
-from model.train import Schedule, TrainConfig, Trainer, train
+from model.data import BatchStream, split_documents
+from model.train import Schedule, TrainConfig, train
 
 from conftest import TINY
 
@@ -33,28 +31,6 @@ def test_resume_matches_uninterrupted_run(tiny_corpus: Path, tmp_path: Path) -> 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in full.history]
     assert strip == [{k: v for k, v in h.items() if k != "elapsed"} for h in resumed.history]
-
-
-def test_subword_sampled_run_resumes_exactly_in_a_later_epoch(tiny_corpus: Path, tmp_path: Path) -> None:
-    """With --sp-sampling each epoch has its own segmentation and number of windows; a run
-    stopped in its second epoch continues exactly (plateau schedule: --max-steps only ends it)."""
-    sampled = dict(tokenizer="sentencepiece", sp_vocab_size=200, sp_sampling=0.3, batch_size=64, schedule="plateau")
-    full = train(_cfg(tiny_corpus, tmp_path / "full", **sampled), progress=False)
-    first = train(_cfg(tiny_corpus, tmp_path / "split", **sampled, max_steps=20), progress=False)
-    assert 1 < first.history[-1]["epoch"] < 2 < full.history[-1]["epoch"]
-    resumed = train(_cfg(tiny_corpus, tmp_path / "split", **sampled), resume=True, progress=False)
-    a = load_file(str(tmp_path / "full" / "model.safetensors"))
-    b = load_file(str(tmp_path / "split" / "model.safetensors"))
-    assert resumed.steps == 30 and all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["train_loss"] for h in full.history] == [h["train_loss"] for h in resumed.history]
-
-
-def test_each_sampled_epoch_is_segmented_anew(tiny_corpus: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tiny_corpus, tmp_path / "run", tokenizer="sentencepiece", sp_vocab_size=200, sp_sampling=0.3)
-    trainer = Trainer(cfg, progress=False)
-    epochs = [trainer.epoch_batches(e).stream for e in (0, 1, 0)]
-    assert not torch.equal(epochs[0], epochs[1]) and torch.equal(epochs[0], epochs[2])
-    assert trainer.tokenizer.decode(epochs[1].tolist()) == "".join(trainer.train_docs)
 
 
 def test_training_learns_and_writes_artifacts(char_lm_dir: Path) -> None:
@@ -84,22 +60,6 @@ def test_early_stopping(tiny_corpus: Path, tmp_path: Path) -> None:
     )
     assert result.stopped == "early_stop"
     assert result.steps < 200
-
-
-def test_sampled_epochs_segment_the_same_text_differently(tiny_corpus: Path) -> None:
-    docs = [tiny_corpus.read_text(encoding="utf-8")[:5000]]
-    tok = SentencePieceTokenizer.train(docs, vocab_size=200)
-    fixed = encode_documents(tok, docs)
-    epochs = [sample_documents(tok, docs, 0.3, seed) for seed in (1, 2, 1)]
-    assert torch.equal(epochs[0], epochs[2])  # a resumed run redraws the same epoch
-    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[0], fixed)
-    for stream in (fixed, *epochs):
-        assert stream[0] == BOS_ID and tok.decode(stream.tolist()) == docs[0]
-
-
-def test_sp_sampling_needs_sentencepiece(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="sentencepiece"):
-        TrainConfig(data=[], out_dir="", sp_sampling=0.3).validate()
 
 
 def test_split_is_by_characters() -> None:
