@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.data import BatchStream, split_documents
-from model.train import Schedule, TrainConfig, train
+from model.train import Schedule, TrainConfig, Trainer, train
 
 from conftest import TINY
 
@@ -31,6 +31,21 @@ def test_resume_matches_uninterrupted_run(tiny_corpus: Path, tmp_path: Path) -> 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in full.history]
     assert strip == [{k: v for k, v in h.items() if k != "elapsed"} for h in resumed.history]
+
+
+def test_pytorch_init_draws_what_a_plain_pytorch_model_draws_from_the_seed(tiny_corpus: Path, tmp_path: Path) -> None:
+    """--init pytorch gives the weights that nn.Embedding, a multi-layer nn.LSTM and nn.Linear
+    built in that order from the same seed get (the reference script's model)."""
+    cfg = _cfg(tiny_corpus, tmp_path / "run", init="pytorch", seed=3)
+    ours = Trainer(cfg, progress=False).model
+    vocab, (e, h, layers) = ours.config.vocab_size, (cfg.embed_dim, cfg.hidden_size, cfg.num_layers)
+    torch.manual_seed(3)
+    emb, rnn, out = torch.nn.Embedding(vocab, e), torch.nn.LSTM(e, h, layers), torch.nn.Linear(h, vocab)
+    assert torch.equal(ours.embedding.weight, emb.weight)
+    for i in range(layers):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            assert torch.equal(getattr(ours.layers[i], f"{name}_l0"), getattr(rnn, f"{name}_l{i}"))
+    assert torch.equal(ours.decoder.weight, out.weight) and torch.equal(ours.decoder.bias, out.bias)
 
 
 def test_training_learns_and_writes_artifacts(char_lm_dir: Path) -> None:
