@@ -81,7 +81,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.data:
             print("error: give at least one training file (or --resume)", file=sys.stderr)
             return 2
-        preset = PRESETS[args.preset].settings if args.preset else {}
+        if "fit_minutes" in flags and "max_steps" in flags:
+            print("error: give --fit-minutes or --max-steps, not both (each sets the run's length)", file=sys.stderr)
+            return 2
+        preset = dict(PRESETS[args.preset].settings) if args.preset else {}
+        if "max_steps" in flags:  # a length given outright replaces a preset's fitted one
+            preset.pop("fit_minutes", None)
         cfg = TrainConfig(data=[str(p) for p in args.data], out_dir=str(out), **{**preset, **flags})
     with process_group(ctx):
         result = train(cfg, resume=args.resume, progress=not args.no_progress, dist=ctx)

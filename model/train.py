@@ -6,6 +6,7 @@ its share of the batch's rows, DDP averages the gradients, and every rank keeps 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,14 @@ class TrainConfig(ModelHyperparameters):
     max_minutes: float | None = option(
         None, "stop after this much wall time, with a checkpoint of the best weights (resumable)", group="bookkeeping"
     )
+    fit_minutes: float | None = option(
+        None,
+        "size a new run to about this many minutes on this machine: before step 0, a few throwaway steps and "
+        "one validation pass are timed and --max-steps is set so that training and its evaluations end near "
+        "it (the cosine runs over those steps; the run records them, so it resumes and reproduces as a "
+        "fixed-length one)",
+        group="bookkeeping",
+    )
     seed: int = option(1337, "seed for initialisation, dropout and data", group="bookkeeping")
     threads: int = option(
         0, "torch threads per process (0: every core, shared among the processes torchrun starts)", group="bookkeeping"
@@ -144,6 +153,8 @@ class TrainConfig(ModelHyperparameters):
             raise ValueError("snapshots_from must be 0 or more")
         if not 0.0 <= self.adam_beta2 < 1.0:
             raise ValueError("adam_beta2 must be in [0, 1)")
+        if self.fit_minutes is not None and self.fit_minutes <= 0:
+            raise ValueError("fit_minutes must be positive")
 
 
 # what may change when a run is resumed without making it a different run
@@ -190,7 +201,7 @@ PRESETS = {
         ),
     ),
     "small": Preset(
-        "2 x 256 LSTM, about 7 minutes on a fast machine (1.55 nats/char on Tiny Shakespeare), at most 25",
+        "2 x 256 LSTM, sized to 20 minutes on the machine it runs on (--fit-minutes 20)",
         dict(
             embed_dim=64,
             hidden_size=256,
@@ -203,9 +214,9 @@ PRESETS = {
             init="pytorch",
             warmup_steps=0,
             reset_prob=0.0,
-            max_steps=1500,
+            fit_minutes=20.0,
             eval_interval=150,
-            max_minutes=25.0,
+            max_minutes=25.0,  # a guard: the fitted length ends near 20
         ),
     ),
     "shakespeare": Preset(
@@ -302,6 +313,7 @@ class Trainer:
     the best weights seen as a checkpoint in out_dir and the resumable state in out_dir/resume."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dist: DistContext = SINGLE):
+        setup_started = time.monotonic()
         cfg.validate()
         self.cfg = cfg
         self.dist = dist
@@ -335,11 +347,13 @@ class Trainer:
         if dist.rank > 0:
             torch.manual_seed(dist.dropout_seed(cfg.seed))  # its own dropout masks (rank 0's: a lone run's)
         self.optimizer = make_optimizer(self.model, cfg)
-        self.schedule = Schedule(cfg)
         self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.batches = BatchStream.from_stream(
             encode_documents(self.tokenizer, train_docs), cfg.batch_size, cfg.bptt, cfg.epoch_offset
         )
+        if saved is None and cfg.fit_minutes is not None:
+            self.cfg = cfg = self._fit_to_minutes(cfg, setup_started)
+        self.schedule = Schedule(cfg)
         self.carried = self._zero_state()
         self.step, self.elapsed = 0, 0.0
         self.history: list[dict[str, Any]] = []
@@ -349,6 +363,55 @@ class Trainer:
         if saved is not None:
             self._restore(saved)
         self.net = wrap(self.model, dist)  # what training calls: DDP under torchrun
+
+    def _fit_to_minutes(self, cfg: TrainConfig, started: float) -> TrainConfig:
+        """The config with max_steps sized to cfg.fit_minutes (counted from `started`), from the
+        time of a few steps and one validation pass on throwaway copies of the model and the
+        optimizer (the run's weights and random streams are untouched). Rank 0's figure wins, so
+        every rank runs the same number of steps."""
+        main = self.dist.is_main
+        model = copy.deepcopy(self.model)
+        optimizer = make_optimizer(model, cfg)
+        with torch.random.fork_rng(devices=[]):
+            model.train()
+            state = model.init_state(self.rows.stop - self.rows.start)
+            timed, clock = 0, 0.0
+            for k in range(1000):
+                inputs, targets = self.batches.window(k % self.batches.windows_per_epoch)
+                begun = time.monotonic()
+                logits, state = model(inputs[self.rows], state)
+                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[self.rows].reshape(-1))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                optimizer.step()
+                state = detach_state(state)
+                if k >= 2:  # the first steps pay for allocation and warm-up
+                    timed, clock = timed + 1, clock + time.monotonic() - begun
+                if timed >= 10 and clock >= 2.0:
+                    break
+            begun = time.monotonic()
+            if main:
+                evaluate_documents(model, self.tokenizer, self.val_docs)
+            eval_seconds = time.monotonic() - begun
+        step_seconds = clock / timed
+        left = cfg.fit_minutes * 60 - (time.monotonic() - started) if cfg.fit_minutes else 0.0
+        steps = steps_for_budget(left, step_seconds, eval_seconds, cfg.eval_interval)
+        (steps,) = (int(v) for v in self.dist.broadcast_floats([float(steps)]))
+        if steps < 1:
+            raise ValueError(
+                f"--fit-minutes {cfg.fit_minutes} is too short on this machine: a step takes {step_seconds:.2f} s "
+                f"and a validation pass {eval_seconds:.1f} s; give more minutes or --max-steps instead"
+            )
+        fitted = replace(cfg, max_steps=steps, fit_minutes=None)
+        if main:
+            print(
+                f"fitted to {cfg.fit_minutes:g} minutes on this machine: --max-steps {steps} "
+                f"({step_seconds:.3f} s a step, {eval_seconds:.1f} s a validation pass)",
+                flush=True,
+            )
+            (self.resume_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(asdict(fitted), indent=2) + "\n")
+        return fitted
 
     def _zero_state(self) -> State:
         return self.model.init_state(self.rows.stop - self.rows.start)
@@ -565,6 +628,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dist
     signals: list[str] = []
     with _stop_requests(signals):  # from the start: a stop during the set-up still ends with a checkpoint
         return Trainer(cfg, resume=resume, progress=progress, dist=dist).run(signals)
+
+
+def steps_for_budget(seconds: float, step_seconds: float, eval_seconds: float, eval_interval: int) -> int:
+    """How many steps fit in `seconds` when each costs `step_seconds` and every `eval_interval`-th
+    is followed by a validation pass of `eval_seconds`, with one more pass at the end."""
+    return max(0, math.floor((seconds - eval_seconds) / (step_seconds + eval_seconds / eval_interval)))
 
 
 def _evals_since_best(history: list[dict[str, Any]]) -> int:

@@ -129,4 +129,9 @@ def test_presets_are_in_the_help_with_their_times() -> None:
     out = cli("train", "--help").stdout
     for preset in ("tiny", "small", "shakespeare"):
         assert preset in out
-    assert "3 minutes" in out and "7 minutes" in out
+    assert "3 minutes" in out and "20 minutes" in out
+
+
+def test_fit_minutes_and_max_steps_are_one_or_the_other(tiny_corpus: Path, tmp_path: Path) -> None:
+    r = cli("train", str(tiny_corpus), "--out", str(tmp_path / "m"), "--fit-minutes", "1", "--max-steps", "5")
+    assert r.returncode == 2 and "not both" in r.stderr

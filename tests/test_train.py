@@ -4,11 +4,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from model.data import BatchStream, split_documents
-from model.train import Schedule, TrainConfig, Trainer, train
+from model.train import TRAIN_CONFIG_FILE, Schedule, TrainConfig, Trainer, steps_for_budget, train
 
 from conftest import TINY
 
@@ -46,6 +47,34 @@ def test_pytorch_init_draws_what_a_plain_pytorch_model_draws_from_the_seed(tiny_
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             assert torch.equal(getattr(ours.layers[i], f"{name}_l0"), getattr(rnn, f"{name}_l{i}"))
     assert torch.equal(ours.decoder.weight, out.weight) and torch.equal(ours.decoder.bias, out.bias)
+
+
+def test_steps_for_budget_counts_the_evaluations() -> None:
+    # 95 s after the final pass; each step costs 0.1 s plus a tenth of a 5 s pass
+    assert steps_for_budget(100, 0.1, 5.0, 10) == 158
+    assert steps_for_budget(4.0, 0.1, 5.0, 10) == 0
+
+
+def test_fit_minutes_sizes_the_run_and_it_equals_the_fixed_length_run(tiny_corpus: Path, tmp_path: Path) -> None:
+    """--fit-minutes times throwaway copies, sets max_steps and records it: the run is then the
+    same as one given that --max-steps outright (weights bit for bit), and resumes as such."""
+    fitted = train(_cfg(tiny_corpus, tmp_path / "fit", fit_minutes=0.1, eval_interval=100), progress=False)
+    record = json.loads((tmp_path / "fit" / "resume" / TRAIN_CONFIG_FILE).read_text())
+    assert record["fit_minutes"] is None and record["max_steps"] == fitted.steps > 20
+    checkpoint = json.loads((tmp_path / "fit" / "config.json").read_text())["training"]
+    assert checkpoint["max_steps"] == fitted.steps and fitted.stopped == "max_steps"
+    fixed = train(_cfg(tiny_corpus, tmp_path / "fixed", max_steps=fitted.steps, eval_interval=100), progress=False)
+    a = load_file(str(tmp_path / "fit" / "model.safetensors"))
+    b = load_file(str(tmp_path / "fixed" / "model.safetensors"))
+    assert fixed.steps == fitted.steps and all(torch.equal(a[k], b[k]) for k in a)
+    saved = TrainConfig.from_dict(record)
+    again = train(replace(saved, max_steps=fitted.steps + 3), resume=True, progress=False)
+    assert again.steps == fitted.steps + 3  # no second fitting
+
+
+def test_fit_minutes_too_short_says_what_to_do(tiny_corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="too short on this machine.*--max-steps"):
+        Trainer(_cfg(tiny_corpus, tmp_path / "short", fit_minutes=1e-4), progress=False)
 
 
 def test_training_learns_and_writes_artifacts(char_lm_dir: Path) -> None:
