@@ -241,7 +241,7 @@ def test_many_writers_on_three_replicas_lose_nothing(stack: Stack) -> None:
 
 def test_sse_through_nginx_arrives_token_by_token(stack: Stack) -> None:
     # as a browser's EventSource would ask: a proxy that compressed the stream would hold it back
-    # 1,000 tokens: the service writes a stream's tokens every STREAM_FLUSH_MS (10 ms) after the
+    # 1,000 tokens: the service writes a stream's tokens every STREAM_FLUSH_MS (25 ms) after the
     # first, so the stream must last several of those for its reads to show it arriving
     body = {"prompt": "KING:", "max_tokens": 1000, "temperature": 0.8, "seed": 9}
     s = Stream(stack.base, body, {"Accept-Encoding": "gzip"})
