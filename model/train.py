@@ -284,6 +284,26 @@ class TrainResult:
     stopped: str = "max_steps"
 
 
+def update(
+    net: torch.nn.Module,
+    model: LSTMLanguageModel,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    carried: State,
+    clip: float,
+) -> tuple[torch.Tensor, State]:
+    """One optimizer step on a window: the loss and the carried state, detached. `net` is what
+    runs the forward pass (the model, or its DDP wrapper); `model` owns the parameters to clip."""
+    logits, carried = net(inputs, carried)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP this also averages the gradients across ranks
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss, detach_state(carried)
+
+
 def build_tokenizer(cfg: TrainConfig, train_docs: list[str]) -> Tokenizer:
     if cfg.tokenizer == "char":
         return CharTokenizer.train(train_docs)
@@ -379,13 +399,7 @@ class Trainer:
             for k in range(1000):
                 inputs, targets = self.batches.window(k % self.batches.windows_per_epoch)
                 begun = time.monotonic()
-                logits, state = model(inputs[self.rows], state)
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[self.rows].reshape(-1))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                optimizer.step()
-                state = detach_state(state)
+                _, state = update(model, model, optimizer, inputs[self.rows], targets[self.rows], state, cfg.clip)
                 if k >= 2:  # the first steps pay for allocation and warm-up
                     timed, clock = timed + 1, clock + time.monotonic() - begun
                 if timed >= 10 and clock >= 2.0:
@@ -488,13 +502,7 @@ class Trainer:
         self.lr = self.schedule.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        logits, carried = self.net(inputs, carried)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP this also averages the gradients across ranks
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        self.optimizer.step()
-        self.carried = detach_state(carried)
+        loss, self.carried = update(self.net, model, self.optimizer, inputs, targets, carried, cfg.clip)
         self.step += 1
         value = self.dist.mean(loss.item())  # the global batch's loss
         self.loss_sum, self.loss_count = self.loss_sum + value, self.loss_count + 1
