@@ -125,15 +125,25 @@ def gemv_bandwidth(total_bytes: int, repeats: int = 200) -> float:
     return w.nbytes / seconds
 
 
+def naive_rate(lm: LanguageModel, tokens: int) -> float:
+    """Tokens/s of the naive loop (it gets a tenth of the fast contenders' tokens; rates are per token)."""
+    n = max(50, tokens // 10)
+    return n / median_time(lambda: naive_loop(lm, n), 3)
+
+
+def stream_baselines(lm: LanguageModel, engine: Engine, tokens: int) -> dict[str, float]:
+    """The two figures the 32-stream targets divide by: the naive loop and the scheduler's tick
+    at 32 rows, in process, with the thread budget already set."""
+    return {"naive": naive_rate(lm, tokens), "scheduler_32": scheduler_rate(engine, lm, 32, max(20, tokens // 128))}
+
+
 def run(checkpoint: Path, tokens: int, threads: int, int8: bool = True) -> dict[str, Any]:
     set_threads(threads)
     lm = load(checkpoint)
     engine = Engine(lm.model)
     fused_torch = TorchFused(lm)
     naive_n = max(50, tokens // 10)  # the slow loop gets fewer tokens; rates are per token
-    rates = {
-        "naive nn.LSTM per token": naive_n / median_time(lambda: naive_loop(lm, naive_n), 3),
-    }
+    rates = {"naive nn.LSTM per token": naive_rate(lm, tokens)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # an irrelevant note about Intel GPUs and TF32
         with torch.backends.mkldnn.flags(enabled=False):
@@ -152,7 +162,7 @@ def run(checkpoint: Path, tokens: int, threads: int, int8: bool = True) -> dict[
     bandwidth = gemv_bandwidth(per_token)
     bound = bandwidth / per_token
     engine_rate = rates["engine (fused numpy step)"]
-    naive_rate = rates["naive nn.LSTM per token"]
+    naive = rates["naive nn.LSTM per token"]
     return {
         "checkpoint": str(checkpoint),
         "threads": threads,
@@ -161,7 +171,7 @@ def run(checkpoint: Path, tokens: int, threads: int, int8: bool = True) -> dict[
         "weight_bytes_per_token": per_token,
         "gemv_bandwidth_gb_s": bandwidth / 1e9,
         "bound_tokens_per_second": bound,
-        "engine_vs_naive": engine_rate / naive_rate,
+        "engine_vs_naive": engine_rate / naive,
         "batched_tokens_per_second": batches,
         "scheduler_tokens_per_second": scheduler,
         "engine_vs_bound": engine_rate / bound,

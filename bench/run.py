@@ -62,7 +62,9 @@ def _measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if "skipped" in r["side_by_side"]["peer"]:
         print(f"onnxruntime peer skipped: {r['side_by_side']['peer']['skipped']}")
     r["prefill"] = prefill.run(args.checkpoint, args.threads, (100, 1000) if args.quick else (100, 1000, 10000))
-    r["service"] = service.run(args.checkpoint, args.workers, [1, 8] if args.quick else [1, 8, 32, 64], seconds, 100)
+    r["service"] = service.run(
+        args.checkpoint, args.workers, [1, 8] if args.quick else [1, 8, 32, 64], seconds, 100, threads=args.threads
+    )
     r["costly"] = costly.run(args.checkpoint, 20_000 if args.quick else 100_000, 8)
     if args.replicas:
         r["replicas"] = replicas.run(args.checkpoint, [1, 2, 3], 8 if args.quick else 32, seconds, 100)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import table
+from .service import TARGET_CLIENTS, baseline
 from .side_by_side import median_ratio
 
 
@@ -40,21 +41,17 @@ def rows(decode: dict[str, Any], service: dict[str, Any], batch1: dict[str, Any]
         _row("/next on a session / /health (median latency)", one["next_session_ms"] / one["health_ms"], 3, False),
     ]
     loads = {x["clients"]: x for x in service["load"]}
-    if 32 in loads:
-        streams = loads[32]["aggregate_tokens_per_second"]
+    if TARGET_CLIENTS in loads:
+        load = loads[TARGET_CLIENTS]
+        streams = load["aggregate_tokens_per_second"]
+        # the baselines measured beside the load, where the run has them (bench.service)
+        naive = baseline(load, "naive") or naive
         out.append(_row("32 SSE streams (2 workers) / naive nn.LSTM loop", streams / naive, 20))
         scheduler = decode.get("scheduler_tokens_per_second", {})
-        rate32 = scheduler.get(32) or scheduler.get("32")
+        rate32 = baseline(load, "scheduler_32") or scheduler.get(32) or scheduler.get("32")
         if rate32:
             out.append(_row("32 SSE streams / in-process scheduler at 32 rows", streams / rate32, 0.5))
-        out.append(
-            [
-                "32 SSE streams: errors",
-                str(loads[32]["errors"]),
-                "0",
-                "met" if loads[32]["errors"] == 0 else "**missed**",
-            ]
-        )
+        out.append(["32 SSE streams: errors", str(load["errors"]), "0", "met" if load["errors"] == 0 else "**missed**"])
     if "onnxruntime [2]" in batch1["tokens_per_second"]:
         out.append(
             _row(
