@@ -271,8 +271,9 @@ def report(r: dict[str, Any], naive_tokens_per_second: float | None = None) -> s
     rows = []
     for x in r["load"]:
         row = [x["clients"], x["aggregate_tokens_per_second"], f"{x['aggregate_tokens_per_second'] / single:.1f}x"]
-        if naive_tokens_per_second:
-            row.append(f"{x['aggregate_tokens_per_second'] / naive_tokens_per_second:.1f}x")
+        if naive_tokens_per_second:  # the row's own baseline where it has one, as the targets use
+            naive = baseline(x, "naive") or naive_tokens_per_second
+            row.append(f"{x['aggregate_tokens_per_second'] / naive:.1f}x")
         row += [
             x["first_token_ms_p50"],
             x["first_token_ms_p99"],
