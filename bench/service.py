@@ -99,19 +99,24 @@ Request = tuple[str, str, dict[str, Any] | None]
 
 def _median_ms(conn: http.client.HTTPConnection, method: str, path: str, body: dict[str, Any] | None, n: int) -> float:
     """Median wall time of n sequential requests on one kept-alive connection."""
-    return _interleaved_ms(conn, {"only": (method, path, body)}, n)["only"]
+    return _interleaved_ms(conn, {"only": (method, path, body)}, n, rounds=1)["only"]
 
 
-def _interleaved_ms(conn: http.client.HTTPConnection, requests_: dict[str, Request], n: int) -> dict[str, float]:
-    """Median ms of each request over n rounds that send every request once, in turn: requests
-    compared with each other meet the same moments of a shared machine's noise (sent in separate
-    blocks, a noisy minute landed on one of them and moved the ratios by 20-50%)."""
+def _interleaved_ms(
+    conn: http.client.HTTPConnection, requests_: dict[str, Request], n: int, rounds: int = 3
+) -> dict[str, float]:
+    """Median ms of each request over n sends, made in `rounds` rounds that send each request
+    n / rounds times in a row, in turn: requests compared with each other meet the same stretches
+    of a shared machine's noise (in one block each, a noisy minute landed on one of them), while
+    each is still timed in a run of its own kind. Sent one by one in turn instead, /health came
+    out ~50% slower after each heavier request, which flattered every ratio to it."""
     times: dict[str, list[float]] = {name: [] for name in requests_}
-    for i in range(n + 10):  # the first ten rounds warm up
+    for method, path, body in requests_.values():  # warm-up
+        for _ in range(10):
+            _timed_ms(conn, method, path, body)
+    for _ in range(rounds):
         for name, (method, path, body) in requests_.items():
-            ms = _timed_ms(conn, method, path, body)
-            if i >= 10:
-                times[name].append(ms)
+            times[name] += [_timed_ms(conn, method, path, body) for _ in range(-(-n // rounds))]
     return {name: statistics.median(t) for name, t in times.items()}
 
 
