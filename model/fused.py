@@ -131,6 +131,12 @@ class FusedStep:
         self.dec_b = model.decoder.bias.detach().float().numpy()
         self.top = slice(sum(sizes[:-1]), sum(sizes))  # the last layer's h
         self._local = threading.local()
+        # One step or logits call at a time per process. OpenBLAS with 2 threads, called from
+        # several threads at once (request threads prefilling beside the scheduler's ticker),
+        # collapsed: one worker with the default 2 BLAS threads served 32 streams at 0.1 tokens/s
+        # (1 BLAS thread: 3,670; bench.replicas --replicas 1). Serialised, each call still has
+        # every BLAS thread to itself.
+        self._blas = threading.Lock()
         # compile (or load numba's cache of) the cell now, not during the first request
         self.step(np.zeros(1, dtype=np.int64), np.zeros((1, 2 * sum(sizes)), dtype=np.float32))
 
@@ -163,22 +169,24 @@ class FusedStep:
             ws.buf[batch:] = 0.0
             ws.ids[:batch] = ids
             ids = ws.ids
-        for layer, (x, gates, x1, gates1, h_at, c_at) in zip(self.layers, ws.layers):
-            if x1 is not None:
-                np.matmul(layer.wt, x1, out=gates1)
-            elif batch <= GEMV_ROWS:
-                for b in range(batch):
-                    np.matmul(layer.wt, x[b], out=gates[b])
-            else:
-                np.matmul(x, layer.w, out=gates)
-            if layer.table is not None:
-                lstm_cell(gates, layer.table, ids, ws.buf, h_at, c_at)
-            else:
-                lstm_cell(gates, layer.bias, ws.zeros, ws.buf, h_at, c_at)
+        with self._blas:
+            for layer, (x, gates, x1, gates1, h_at, c_at) in zip(self.layers, ws.layers):
+                if x1 is not None:
+                    np.matmul(layer.wt, x1, out=gates1)
+                elif batch <= GEMV_ROWS:
+                    for b in range(batch):
+                        np.matmul(layer.wt, x[b], out=gates[b])
+                else:
+                    np.matmul(x, layer.w, out=gates)
+                if layer.table is not None:
+                    lstm_cell(gates, layer.table, ids, ws.buf, h_at, c_at)
+                else:
+                    lstm_cell(gates, layer.bias, ws.zeros, ws.buf, h_at, c_at)
         return ws.buf[:batch].copy()
 
     def logits(self, rows: np.ndarray) -> np.ndarray:
         """Next-token logits (B, V) after rows (B, S)."""
-        out = rows[:, self.top] @ self.dec_w
+        with self._blas:
+            out = rows[:, self.top] @ self.dec_w
         out += self.dec_b
         return out

@@ -200,3 +200,36 @@ def test_chunked_body_is_held_to_the_limit_and_options_answer_without_html(serve
     r = requests.options(f"{server.base}/generate", timeout=10)
     assert r.status_code == 204 and r.content == b"" and "POST" in r.headers["Allow"]
     assert "text/html" not in r.headers.get("Content-Type", "")
+
+
+def test_one_worker_with_two_blas_threads_serves_concurrent_streams(redis_server: RedisServer, tmp_path: Path) -> None:
+    """One worker with 2 BLAS threads (what a lone worker takes on 2 cores) under concurrent
+    prefills and streams. Before the fused step serialised its BLAS calls, OpenBLAS called from
+    several threads at once collapsed to ~0.1 tokens/s here: a liveness check, not a timing."""
+    from conftest import SHIPPED
+
+    env = {
+        "MODEL_DIR": str(SHIPPED["shakespeare-char"]),
+        "REDIS_URL": redis_server.url,
+        "WEB_CONCURRENCY": "1",
+        "BLAS_THREADS": "2",
+        "LOG_LEVEL": "WARNING",
+    }
+    g = Gunicorn(env, tmp_path / "gunicorn.log")
+    try:
+
+        def one(i: int) -> int:
+            sid = post(g, "/sessions", {"text": "ROMEO:\n" * (1 + i % 3)}).json()["session_id"]
+            body = {"session_id": sid, "max_tokens": 60, "stream": True, "seed": i}
+            with requests.post(f"{g.base}/generate", json=body, stream=True, timeout=90) as r:
+                r.raise_for_status()
+                return sum(line.startswith(b'data: {"token"') for line in r.iter_lines())
+
+        # ~6 s here with the fix, over 60 without it: the bound only tells a crawl from a run
+        deadline = time.monotonic() + 90
+        with ThreadPoolExecutor(32) as pool:
+            for _ in range(2):
+                assert list(pool.map(one, range(32))) == [60] * 32
+                assert time.monotonic() < deadline, "concurrent streams crawled (BLAS threads fighting?)"
+    finally:
+        g.stop()
