@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -140,6 +140,22 @@ class Gunicorn:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._log_file.close()
+
+
+# What most gunicorn tests run: two workers (so sessions must live in Redis), one torch thread
+# each (two workers share the 2 cores), warnings only in the log.
+TEST_ENV = {"WEB_CONCURRENCY": "2", "TORCH_THREADS": "1", "LOG_LEVEL": "WARNING"}
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path, log_dir: Path, redis_url: str = "", **env: str) -> Iterator[Gunicorn]:
+    """The Procfile's gunicorn on `model_dir` with TEST_ENV and `env` over it, stopped on exit;
+    `redis_url` "" keeps sessions in the embedded store (one worker only)."""
+    g = Gunicorn({"MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, **TEST_ENV, **env}, log_dir / "gunicorn.log")
+    try:
+        yield g
+    finally:
+        g.stop()
 
 
 class Stack:

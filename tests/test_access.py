@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from servers import Gunicorn, RedisServer
+from servers import Gunicorn, RedisServer, serving
 
 KEYS = ("k-alpha-0123456789", "k-beta-9876543210")
 ORIGIN = "https://app.example"
@@ -22,20 +22,16 @@ def guarded(
     tmp = tmp_path_factory.mktemp("access")
     keys_file = tmp / "keys"
     keys_file.write_text(f"# one key per line\n{KEYS[1]}\n")
-    env = {
-        "MODEL_DIR": str(char_lm_dir),
-        "REDIS_URL": redis_server.url,
-        "WEB_CONCURRENCY": "2",
-        "TORCH_THREADS": "1",
-        "LOG_LEVEL": "WARNING",
-        "API_KEYS": KEYS[0],
-        "API_KEYS_FILE": str(keys_file),
-        "RATE_LIMIT": "12/minute",
-        "CORS_ORIGINS": ORIGIN,
-    }
-    server = Gunicorn(env, tmp / "gunicorn.log")
-    yield server
-    server.stop()
+    with serving(
+        char_lm_dir,
+        tmp,
+        redis_server.url,
+        API_KEYS=KEYS[0],
+        API_KEYS_FILE=str(keys_file),
+        RATE_LIMIT="12/minute",
+        CORS_ORIGINS=ORIGIN,
+    ) as server:
+        yield server
 
 
 def call(server: Gunicorn, method: str, path: str, key: str | None = None, **kw: object) -> requests.Response:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from servers import Gunicorn, RedisServer
+from servers import Gunicorn, RedisServer, serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -52,19 +52,16 @@ def server(
     char_lm_dir: Path, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gunicorn]:
     redis_server.client().flushall()
-    env = {
-        "MODEL_DIR": str(char_lm_dir),
-        "REDIS_URL": redis_server.url,
-        "WEB_CONCURRENCY": "1",
-        "GUNICORN_THREADS": "16",
-        "TORCH_THREADS": "1",
-        "MAX_TOKENS_LIMIT": "200000",  # room for a generation long enough to stop
-        "API_KEYS": KEY,
-        "LOG_LEVEL": "WARNING",
-    }
-    g = Gunicorn(env, tmp_path_factory.mktemp("gunicorn-browser") / "gunicorn.log")
-    yield g
-    g.stop()
+    with serving(
+        char_lm_dir,
+        tmp_path_factory.mktemp("gunicorn-browser"),
+        redis_server.url,
+        WEB_CONCURRENCY="1",
+        GUNICORN_THREADS="16",
+        MAX_TOKENS_LIMIT="200000",  # room for a generation long enough to stop
+        API_KEYS=KEY,
+    ) as g:
+        yield g
 
 
 @pytest.fixture(scope="module")

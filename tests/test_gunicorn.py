@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from servers import ROOT, Gunicorn, RedisServer, wait_until
+from servers import ROOT, Gunicorn, RedisServer, serving, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +24,14 @@ def server(
     char_lm_dir: Path, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gunicorn]:
     redis_server.client().flushall()
-    env = {
-        "MODEL_DIR": str(char_lm_dir),
-        "REDIS_URL": redis_server.url,
-        "WEB_CONCURRENCY": "2",
-        "GUNICORN_THREADS": "16",
-        "TORCH_THREADS": "1",
-        "MAX_TOKENS_LIMIT": "200000",
-        "LOG_LEVEL": "WARNING",
-    }
-    g = Gunicorn(env, tmp_path_factory.mktemp("gunicorn") / "gunicorn.log")
-    yield g
-    g.stop()
+    with serving(
+        char_lm_dir,
+        tmp_path_factory.mktemp("gunicorn"),
+        redis_server.url,
+        GUNICORN_THREADS="16",
+        MAX_TOKENS_LIMIT="200000",
+    ) as g:
+        yield g
 
 
 def post(server: Gunicorn, path: str, body: dict, **kw) -> requests.Response:  # type: ignore[type-arg, no-untyped-def]

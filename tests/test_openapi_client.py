@@ -18,17 +18,15 @@ import pytest
 import requests
 from openapi_schema_validator import OAS31Validator
 
-from servers import Gunicorn
+from servers import Gunicorn, serving
 
 PACKAGE = "lstm_lm_client"
 
 
 @pytest.fixture(scope="module")
 def server(char_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    env = {"MODEL_DIR": str(char_lm_dir), "WEB_CONCURRENCY": "1", "TORCH_THREADS": "1", "LOG_LEVEL": "WARNING"}
-    g = Gunicorn(env, tmp_path_factory.mktemp("gunicorn-client") / "gunicorn.log")
-    yield g
-    g.stop()
+    with serving(char_lm_dir, tmp_path_factory.mktemp("gunicorn-client"), WEB_CONCURRENCY="1") as g:
+        yield g
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import Gunicorn, RedisServer
+from servers import Gunicorn, RedisServer, serving
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
@@ -22,17 +22,9 @@ SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 def server(
     char_lm_dir: Path, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gunicorn]:
-    env = {
-        "MODEL_DIR": str(char_lm_dir),
-        "REDIS_URL": redis_server.url,
-        "WEB_CONCURRENCY": "2",
-        "TORCH_THREADS": "1",
-        "LOG_LEVEL": "WARNING",
-        "MAX_TOKENS_LIMIT": "64",  # generated requests stay cheap: the run tests the contract, not the model
-    }
-    g = Gunicorn(env, tmp_path_factory.mktemp("schemathesis") / "gunicorn.log")
-    yield g
-    g.stop()
+    # generated requests stay cheap: the run tests the contract, not the model
+    with serving(char_lm_dir, tmp_path_factory.mktemp("schemathesis"), redis_server.url, MAX_TOKENS_LIMIT="64") as g:
+        yield g
 
 
 def test_the_document_holds_under_generated_requests(server: Gunicorn, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import requests
 
-from servers import ROOT, Gunicorn, Stack, wait_until
+from servers import ROOT, Gunicorn, Stack, serving, wait_until
 
 SLOW_CLIENTS = 200
 NON_READING_STREAMS = 100
@@ -340,20 +340,19 @@ HEADER_TIMEOUT = 2.0
 
 @pytest.fixture(scope="module")
 def bare(char_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    env = {
-        "MODEL_DIR": str(char_lm_dir),
+    with serving(  # the embedded store: no REDIS_URL
+        char_lm_dir,
+        tmp_path_factory.mktemp("bare"),
         **FAST,
-        "REDIS_URL": "",  # the embedded store
-        "WEB_CONCURRENCY": "1",
-        "GUNICORN_THREADS": "4",
-        "HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
-        "BODY_TIMEOUT_SECONDS": "2",
-        "SEND_TIMEOUT_SECONDS": "2",
-        "MAX_TOKENS_LIMIT": "1000000",
-    }
-    g = Gunicorn(env, tmp_path_factory.mktemp("bare") / "gunicorn.log")
-    yield g
-    g.stop()
+        WEB_CONCURRENCY="1",
+        GUNICORN_THREADS="4",
+        HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT),
+        BODY_TIMEOUT_SECONDS="2",
+        SEND_TIMEOUT_SECONDS="2",
+        MAX_TOKENS_LIMIT="1000000",
+        LOG_LEVEL="INFO",  # the tests read its access lines
+    ) as g:
+        yield g
 
 
 def test_bare_gunicorn_cuts_off_slow_headers_after_the_read_timeout(bare: Gunicorn) -> None:
