@@ -16,14 +16,13 @@ The LSTM state of row b after window k is the right state for row b at window k 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .tokenizer import BOS_ID, SentencePieceTokenizer, Tokenizer
+from .tokenizer import BOS_ID, Tokenizer
 
 
 class CorpusError(ValueError):
@@ -66,32 +65,10 @@ def split_documents(texts: list[str], val_fraction: float) -> tuple[list[str], l
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> Tensor:
     """One token stream: <s> doc1 <s> doc2 ..."""
-    return _stream(documents, tokenizer.encode)
-
-
-def sampled_stream(
-    tokenizer: SentencePieceTokenizer, documents: list[str], alpha: float, seed: int, length: int
-) -> Tensor:
-    """An epoch's token stream with sampled segmentations, `length` tokens long.
-
-    A sampled segmentation has more tokens than the best one (~6% more at alpha 0.5 with 128
-    pieces), while the batch layout is fixed by the best one's length. So the stream is rotated
-    to start at a random token and cut to `length` (or wrapped round if shorter): the text an
-    epoch leaves out is a different stretch each epoch, not always the corpus's end.
-    """
-    stream = _stream(documents, lambda doc: tokenizer.encode_sampled(doc, alpha, seed))
-    gen = torch.Generator().manual_seed(seed)
-    start = int(torch.randint(0, stream.numel(), (1,), generator=gen).item())
-    stream = torch.cat([stream[start:], stream[:start]])
-    repeats = -(-length // stream.numel())  # ceil: wrap round when the sample came out shorter
-    return stream.repeat(repeats)[:length]
-
-
-def _stream(documents: list[str], encode: Callable[[str], list[int]]) -> Tensor:
     ids: list[int] = []
     for doc in documents:
         ids.append(BOS_ID)
-        ids.extend(encode(doc))
+        ids.extend(tokenizer.encode(doc))
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -136,12 +113,6 @@ class BatchStream:
             return 0
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return int(torch.randint(0, self.max_offset + 1, (1,), generator=gen).item())
-
-    def with_stream(self, stream: Tensor) -> BatchStream:
-        """The same layout over another stream of the same length (an epoch's resampled one)."""
-        if stream.numel() != self.stream.numel():
-            raise ValueError(f"stream of {stream.numel()} tokens, expected {self.stream.numel()}")
-        return replace(self, stream=stream)
 
     def window(self, index: int, offset: int = 0) -> tuple[Tensor, Tensor]:
         """Inputs and targets of window `index` within an epoch cut at `offset`, each (B, T)."""

@@ -216,16 +216,6 @@ class SentencePieceTokenizer(_TokenTable):
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(self._clean(text)))
 
-    def encode_sampled(self, text: str, alpha: float, seed: int) -> list[int]:
-        """One segmentation of `text` drawn from the unigram model's lattice (subword
-        regularisation, Kudo 2018): p(segmentation) ~ P(segmentation) ** alpha, so a small alpha
-        samples widely and a large one stays near encode()'s best segmentation. The same
-        (text, alpha, seed) always gives the same ids."""
-        import sentencepiece as spm
-
-        spm.set_random_generator_seed(seed)  # the library's one generator: drawn from right here
-        return list(self._sp.encode(self._clean(text), enable_sampling=True, alpha=alpha, nbest_size=-1))
-
     def encode_with_unknowns(self, text: str) -> Encoding:
         text = self._clean(text)
         known = self._known

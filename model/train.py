@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .chat import TEMPLATES, template_named
 from .checkpoint import save_checkpoint, save_weights, weights_for_saving
-from .data import BatchStream, encode_documents, read_texts, sampled_stream, split_documents
+from .data import BatchStream, encode_documents, read_texts, split_documents
 from .distributed import SINGLE, DistContext, wrap
 from .evaluate import EvalResult, stream_nll, summarize
 from .lstm import INIT_SCHEMES, LSTMLanguageModel, ModelConfig, ModelHyperparameters, State, detach_state
@@ -53,13 +53,6 @@ class TrainConfig(ModelHyperparameters):
     tokenizer: str = option("char", "token unit", group="tokenizer", choices=TOKENIZERS)
     sp_vocab_size: int = option(1024, "SentencePiece vocabulary size", group="tokenizer")
     sp_model_type: str = option("unigram", "SentencePiece algorithm", group="tokenizer", choices=("unigram", "bpe"))
-    sp_sample_alpha: float = option(
-        0.0,
-        "SentencePiece subword regularisation: every epoch trains on a fresh segmentation of the text, sampled "
-        "with this smoothing (unigram only; smaller samples more widely, e.g. 0.5 moves ~7%% of token boundaries "
-        "with 128 pieces; validation always uses the best segmentation; 0: the best segmentation every epoch)",
-        group="tokenizer",
-    )
     val_fraction: float = option(0.1, "last fraction of the characters held out for validation", group="tokenizer")
     init: str = option(
         "forget_bias",
@@ -154,10 +147,6 @@ class TrainConfig(ModelHyperparameters):
             raise ValueError(f"init must be one of {INIT_SCHEMES}")
         if min(self.batch_size, self.bptt, self.max_steps, self.eval_interval, self.checkpoint_interval) < 1:
             raise ValueError("batch size, bptt, steps and intervals must be positive")
-        if self.sp_sample_alpha < 0:
-            raise ValueError("sp_sample_alpha must be 0 or more")
-        if self.sp_sample_alpha and (self.tokenizer, self.sp_model_type) != ("sentencepiece", "unigram"):
-            raise ValueError("--sp-sample-alpha needs --tokenizer sentencepiece with --sp-model-type unigram")
         if self.epoch_offset < 0:
             raise ValueError("epoch_offset must be 0 or more")
         if self.snapshots_from < 0:
@@ -379,11 +368,9 @@ class Trainer:
             torch.manual_seed(dist.dropout_seed(cfg.seed))  # its own dropout masks (rank 0's: a lone run's)
         self.optimizer = make_optimizer(self.model, cfg)
         self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
-        self.train_docs = train_docs
         self.batches = BatchStream.from_stream(
             encode_documents(self.tokenizer, train_docs), cfg.batch_size, cfg.bptt, cfg.epoch_offset
         )
-        self._sampled: tuple[int, BatchStream] | None = None  # the current epoch's resampled layout
         if saved is None and cfg.fit_minutes is not None:
             self.cfg = cfg = self._fit_to_minutes(cfg, setup_started)
         self.schedule = Schedule(cfg)
@@ -503,7 +490,7 @@ class Trainer:
         if window == 0:
             self.carried = self._zero_state()
         epoch = self.step // batches.windows_per_epoch
-        inputs, targets = self._epoch_batches(epoch).window(window, batches.epoch_offset(cfg.seed, epoch))
+        inputs, targets = batches.window(window, batches.epoch_offset(cfg.seed, epoch))
         inputs, targets = inputs[self.rows].clone(), targets[self.rows]  # (B / ranks, T): this rank's rows
         carried = self.carried
         if cfg.reset_prob > 0:
@@ -520,19 +507,6 @@ class Trainer:
         value = self.dist.mean(loss.item())  # the global batch's loss
         self.loss_sum, self.loss_count = self.loss_sum + value, self.loss_count + 1
         return value
-
-    def _epoch_batches(self, epoch: int) -> BatchStream:
-        """The layout epoch `epoch` trains on: the best segmentation, or with --sp-sample-alpha one
-        sampled from (seed, epoch) alone, so every rank and a resumed run draw the same one."""
-        alpha = self.cfg.sp_sample_alpha
-        if not alpha:
-            return self.batches
-        if self._sampled is None or self._sampled[0] != epoch:
-            assert isinstance(self.tokenizer, SentencePieceTokenizer)  # validate() checked the kind
-            seed = self.cfg.seed * 1_000_003 + epoch
-            stream = sampled_stream(self.tokenizer, self.train_docs, alpha, seed, self.batches.stream.numel())
-            self._sampled = (epoch, self.batches.with_stream(stream))
-        return self._sampled[1]
 
     def evaluate(self, bar: tqdm, *, record: bool = True) -> None:
         """Score the validation split and write the checkpoint if it is the best yet. `record`:

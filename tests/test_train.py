@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.data import BatchStream, encode_documents, sampled_stream, split_documents
-from model.tokenizer import SentencePieceTokenizer
+from model.data import BatchStream, split_documents
 from model.train import TRAIN_CONFIG_FILE, Schedule, TrainConfig, Trainer, steps_for_budget, train
 
 from conftest import TINY
@@ -19,17 +18,11 @@ def _cfg(corpus: Path, out: Path, **kw: object) -> TrainConfig:
     return TrainConfig(data=[str(corpus)], out_dir=str(out), **{**TINY, "max_steps": 30, "eval_interval": 10, **kw})  # type: ignore[arg-type]
 
 
-# with subword sampling each epoch draws its own segmentation; an epoch of the tiny corpus is 9
-# windows of 24 x 100 tokens, so 30 steps cross three epochs, which a resumed run must redraw
-SAMPLED = {"tokenizer": "sentencepiece", "sp_vocab_size": 128, "sp_sample_alpha": 0.5, "batch_size": 24, "bptt": 100}
-
-
-@pytest.mark.parametrize("extra", [{}, SAMPLED], ids=["char", "sp-sampled"])
-def test_resume_matches_uninterrupted_run(tiny_corpus: Path, tmp_path: Path, extra: dict[str, object]) -> None:
-    full = train(_cfg(tiny_corpus, tmp_path / "full", **extra), progress=False)
+def test_resume_matches_uninterrupted_run(tiny_corpus: Path, tmp_path: Path) -> None:
+    full = train(_cfg(tiny_corpus, tmp_path / "full"), progress=False)
     # the same run, stopped after a few steps and resumed twice
-    train(_cfg(tiny_corpus, tmp_path / "split", max_steps=30, max_minutes=1e-9, **extra), progress=False)
-    cfg = _cfg(tiny_corpus, tmp_path / "split", **extra)
+    train(_cfg(tiny_corpus, tmp_path / "split", max_steps=30, max_minutes=1e-9), progress=False)
+    cfg = _cfg(tiny_corpus, tmp_path / "split")
     first = train(replace(cfg, max_minutes=1e-9), resume=True, progress=False)
     assert 0 < first.steps < 30
     resumed = train(cfg, resume=True, progress=False)
@@ -173,27 +166,3 @@ def test_every_way_a_run_stops_leaves_a_loadable_checkpoint(tiny_corpus: Path, t
         lm = load(cfg.out_dir)
         assert lm.meta["metrics"]["validation"]["nats_per_char"] == result.best_val.nats_per_char
         assert lm.tokenizer.decode(lm.tokenizer.encode("To be")) == "To be"
-
-
-def test_subword_sampling_draws_a_fresh_segmentation_each_epoch(tiny_corpus: Path, tmp_path: Path) -> None:
-    trainer = Trainer(_cfg(tiny_corpus, tmp_path / "run", **SAMPLED), progress=False)
-    tok, docs, best = trainer.tokenizer, trainer.train_docs, trainer.batches.stream
-    assert 30 // trainer.batches.windows_per_epoch == 3
-    assert isinstance(tok, SentencePieceTokenizer) and torch.equal(best, encode_documents(tok, docs))
-    epochs = [trainer._epoch_batches(e).stream.clone() for e in (0, 1, 0)]
-    assert all(e.numel() == best.numel() for e in epochs)  # the batch layout stays the best segmentation's
-    assert torch.equal(epochs[0], epochs[2]) and not torch.equal(epochs[0], epochs[1])
-    assert not torch.equal(epochs[0], best)
-    # each is the text itself, resegmented and rotated to start somewhere else
-    text = "".join(docs)
-    assert all(tok.decode(e.tolist()) in text + text for e in epochs)
-    assert tok.decode(epochs[0].tolist()) != tok.decode(epochs[1].tolist())
-    # and a stream that samples shorter than the layout wraps round
-    short = sampled_stream(tok, docs, 0.5, seed=1, length=2 * best.numel())
-    assert short.numel() == 2 * best.numel()
-
-
-def test_subword_sampling_needs_a_unigram_sentencepiece_vocabulary(tiny_corpus: Path, tmp_path: Path) -> None:
-    for extra in ({"sp_sample_alpha": 0.5}, {**SAMPLED, "sp_model_type": "bpe"}, {**SAMPLED, "sp_sample_alpha": -1}):
-        with pytest.raises(ValueError, match="sp_sample_alpha|--sp-sample-alpha"):
-            _cfg(tiny_corpus, tmp_path, **extra).validate()
