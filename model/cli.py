@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .checkpoint import CheckpointError, LanguageModel, load
 from .data import CorpusError, read_texts, split_documents
 from .distributed import DistContext, process_group
 from .engine import Engine
-from .generation import Finished, GenerationParams, generate
+from .generation import Decoder, Finished, GenerationParams, generate, start_decoders, step_decoders
 from .options import add_options, flag, given
 from .sampling import SamplingParams, new_seed
-from .tokenizer import TokenizerError
+from .tokenizer import Tokenizer, TokenizerError
 from .train import PRESETS, RESUMABLE_CHANGES, RESUME_DIR, TRAIN_CONFIG_FILE, TrainConfig, evaluate_documents, train
 
 
@@ -156,6 +157,15 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages tokens already in the context")
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random, printed)")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=1,
+        help="independent samples of the prompt, stepped together as one batch (row i seeded --seed + i) and "
+        "printed one after another, each followed by a blank line: a corpus of a model's samples, e.g. for "
+        "`lstm-lm train --extra-train`",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--rows > 1 shows one on stderr)")
     p.add_argument("--interactive", action="store_true", help="read lines from stdin, continuing one state")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.set_defaults(func=cmd_sample)
@@ -182,6 +192,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print(item.text, end="", flush=True)
         raise AssertionError("generation ended without finishing")
 
+    if args.rows != 1:
+        if args.interactive or args.rows < 1:
+            print("error: --rows takes a positive count and does not combine with --interactive", file=sys.stderr)
+            return 2
+        return _sample_rows(
+            engine, lm.tokenizer, params, _unescape(args.prompt), args.rows, args.seed, args.no_progress
+        )
     if not args.interactive:
         seed = args.seed if args.seed is not None else new_seed()
         print(_unescape(args.prompt), end="")
@@ -191,6 +208,37 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print("Type a line to continue the text (Ctrl-D to quit).", file=sys.stderr)
     for turns, line in enumerate(sys.stdin):
         state = turn(line, None if args.seed is None else args.seed + turns)
+    return 0
+
+
+def _sample_rows(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    params: GenerationParams,
+    prompt: str,
+    rows: int,
+    seed: int | None,
+    quiet: bool,
+) -> int:
+    """`rows` samples of one prompt decoded as one batch (each row's tokens are what it would get
+    alone with its seed), printed in row order once all have finished."""
+    first = seed if seed is not None else new_seed()
+    ids = tokenizer.encode(prompt)
+    start = engine.prefill(ids, engine.start())
+    decoders = [Decoder(engine, tokenizer, start, replace(params, seed=first + i), ids) for i in range(rows)]
+    start_decoders(engine, decoders)
+    active, state = decoders, None
+    with tqdm(total=params.max_tokens, unit="step", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+        while active:
+            state = step_decoders(engine, active, state)
+            bar.update(1)
+            going = [d for d in active if d.finished is None]
+            if len(going) != len(active):  # the rows of those still going are gathered anew
+                active, state = going, None
+    for decoder in decoders:
+        assert decoder.finished is not None
+        print(prompt + decoder.finished.text, end="\n\n")
+    print(f"[seeds {first}..{first + rows - 1}]", file=sys.stderr)
     return 0
 
 

@@ -54,6 +54,12 @@ class TrainConfig(ModelHyperparameters):
     sp_vocab_size: int = option(1024, "SentencePiece vocabulary size", group="tokenizer")
     sp_model_type: str = option("unigram", "SentencePiece algorithm", group="tokenizer", choices=("unigram", "bpe"))
     val_fraction: float = option(0.1, "last fraction of the characters held out for validation", group="tokenizer")
+    extra_train: str | None = option(
+        None,
+        "a UTF-8 text file to train on beside the data's training part, never held out for validation nor "
+        "used to build the vocabulary (e.g. text sampled from a teacher model: distillation by samples)",
+        group="tokenizer",
+    )
     init: str = option(
         "forget_bias",
         "weight initialisation: forget_bias (N(0,1) embeddings, zero biases, forget gate 1) or pytorch "
@@ -368,6 +374,8 @@ class Trainer:
             torch.manual_seed(dist.dropout_seed(cfg.seed))  # its own dropout masks (rank 0's: a lone run's)
         self.optimizer = make_optimizer(self.model, cfg)
         self.data_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        if cfg.extra_train is not None:  # first, so every batch's rows hold both (rows are cut in order)
+            train_docs = read_texts([Path(cfg.extra_train)]) + train_docs
         self.batches = BatchStream.from_stream(
             encode_documents(self.tokenizer, train_docs), cfg.batch_size, cfg.bptt, cfg.epoch_offset
         )

@@ -69,6 +69,17 @@ def test_train_eval_sample_round_trip(tiny_corpus: Path, tmp_path: Path) -> None
     assert r.stdout.startswith("ROMEO:") and len(r.stdout) == len("ROMEO:") + 20
     assert r.stdout == cli("sample", str(out), "--prompt", "ROMEO:", "--length", "20", "--seed", "3").stdout
 
+    # --rows: one batch of samples, row i what --seed 3 + i gives alone, each followed by a blank line
+    r = cli("sample", str(out), "--prompt", "ROMEO:", "--length", "20", "--seed", "3", "--rows", "3", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    alone = [
+        cli("sample", str(out), "--prompt", "ROMEO:", "--length", "20", "--seed", str(3 + i)).stdout for i in range(3)
+    ]
+    assert len(set(alone)) == 3 and r.stdout == "".join(text + "\n\n" for text in alone)
+    assert "[seeds 3..5]" in r.stderr
+    r = cli("sample", str(out), "--rows", "2", "--interactive")
+    assert r.returncode == 2 and "--rows" in r.stderr
+
     r = cli("sample", str(out), "--interactive", "--length", "5", "--seed", "1", stdin="hello\nworld\n")
     assert r.returncode == 0 and len(r.stdout) == 10
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.data import BatchStream, split_documents
+from model.data import BatchStream, CorpusError, encode_documents, split_documents
 from model.train import TRAIN_CONFIG_FILE, Schedule, TrainConfig, Trainer, steps_for_budget, train
 
 from conftest import TINY
@@ -166,3 +166,21 @@ def test_every_way_a_run_stops_leaves_a_loadable_checkpoint(tiny_corpus: Path, t
         lm = load(cfg.out_dir)
         assert lm.meta["metrics"]["validation"]["nats_per_char"] == result.best_val.nats_per_char
         assert lm.tokenizer.decode(lm.tokenizer.encode("To be")) == "To be"
+
+
+def test_extra_train_text_is_trained_on_but_never_validated_on_nor_in_the_vocabulary(
+    tiny_corpus: Path, tmp_path: Path
+) -> None:
+    """--extra-train (e.g. a teacher model's samples) joins the training stream ahead of the
+    data's training part; the validation text and the vocabulary stay those of the data alone."""
+    extra = tmp_path / "teacher-samples.txt"
+    extra.write_text("ROMEO:\nA plague o' both your houses \u20ac\n" * 50, encoding="utf-8")
+    plain = Trainer(_cfg(tiny_corpus, tmp_path / "plain"), progress=False)
+    mixed = Trainer(_cfg(tiny_corpus, tmp_path / "mixed", extra_train=str(extra)), progress=False)
+    assert mixed.val_docs == plain.val_docs
+    assert list(mixed.tokenizer.texts) == list(plain.tokenizer.texts)  # the euro sign is not in the vocabulary
+    extra_ids = encode_documents(mixed.tokenizer, [extra.read_text(encoding="utf-8")])
+    assert torch.equal(mixed.batches.stream[: len(extra_ids)], extra_ids)
+    assert torch.equal(mixed.batches.stream[len(extra_ids) :], plain.batches.stream)
+    with pytest.raises(CorpusError, match="does not exist"):
+        Trainer(_cfg(tiny_corpus, tmp_path / "missing", extra_train=str(tmp_path / "nope.txt")), progress=False)
